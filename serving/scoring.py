@@ -1,0 +1,233 @@
+"""Score one image with the exported anomalib ONNX model and draw its heat-map overlay.
+
+The ONNX graph already contains anomalib's pre-processing (resize + ImageNet normalisation)
+and post-processing (min-max normalisation so that ``threshold`` is 0.5 and the anomaly map
+is in [0, 1]); see ``docs/contracts.md`` section 5. Serving therefore only has to feed
+``float32[1, 3, H, W]`` RGB in [0, 1] and read two outputs. Only numpy, Pillow and ONNX
+Runtime are used so the Lambda image stays small and torch-free.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from serving.model_meta import ModelMetadata, load_metadata
+
+
+class ScoringError(RuntimeError):
+    """The model could not be loaded or produced an unusable output."""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Outcome of scoring one image.
+
+    ``anomaly_map`` is ``float32[H, W]`` in [0, 1] at the model's input size; ``timings`` holds
+    milliseconds for ``preprocess``, ``inference`` and ``postprocess``.
+    """
+
+    score: float
+    is_anomalous: bool
+    threshold: float
+    anomaly_map: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def configure_runtime_environment() -> None:
+    """Point cache/temp dirs at a writable place before anything might write under HOME.
+
+    On Lambda, HOME and the code directory are read-only and only ``/tmp`` is writable. ONNX
+    Runtime itself writes nothing unless asked (no optimised-model file, no profiling), but
+    libraries that honour XDG cache dirs would otherwise fail at first use. Existing values win.
+    """
+    tmp = tempfile.gettempdir()
+    os.environ.setdefault("XDG_CACHE_HOME", os.path.join(tmp, ".cache"))
+    home = os.environ.get("HOME")
+    if not home or not os.access(home, os.W_OK):
+        os.environ["HOME"] = tmp
+
+
+def default_intra_op_threads() -> int:
+    """Threads for one inference: env ``ORT_INTRA_OP_THREADS``, else the CPUs this process may use.
+
+    Lambda grants vCPUs in proportion to memory (1 vCPU per ~1.77 GB); ORT's own default can
+    oversubscribe when ``os.cpu_count()`` reports host CPUs, so we use the affinity mask.
+    """
+    env = os.environ.get("ORT_INTRA_OP_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _create_session(model_path: Path, intra_op_threads: int):  # -> onnxruntime.InferenceSession
+    """Create a CPU ONNX Runtime session tuned for one request at a time."""
+    import onnxruntime as ort
+
+    # Telemetry is only emitted on Windows builds, but switch it off explicitly anyway.
+    ort.disable_telemetry_events()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: Lambda logs are billed and searched
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types; surface them uniformly
+        raise ScoringError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from exc
+
+
+class Scorer:
+    """An ONNX Runtime session plus the metadata needed to feed it and read its outputs.
+
+    Create once per process (Lambda cold start) with :meth:`from_dir`; :meth:`score` is then
+    safe to call for every request.
+    """
+
+    def __init__(self, metadata: ModelMetadata, session) -> None:
+        self.metadata = metadata
+        self.session = session
+        self._check_session()
+
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: Path | str,
+        *,
+        intra_op_threads: int | None = None,
+        verify_sha256: bool = True,
+    ) -> Scorer:
+        """Validate ``metadata.json`` in ``model_dir`` and load the model it names."""
+        configure_runtime_environment()
+        metadata = load_metadata(model_dir, verify_sha256=verify_sha256)
+        threads = intra_op_threads or default_intra_op_threads()
+        return cls(metadata, _create_session(metadata.model_path, threads))
+
+    def _check_session(self) -> None:
+        """Fail at load time if the graph does not match metadata (names, static input shape)."""
+        meta = self.metadata
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if meta.input.name not in inputs:
+            raise ScoringError(f"model has no input {meta.input.name!r} (inputs: {sorted(inputs)})")
+        expected = [1, meta.input.channels, meta.input.height, meta.input.width]
+        shape = list(inputs[meta.input.name].shape)
+        static_mismatch = any(isinstance(d, int) and d != e for d, e in zip(shape, expected, strict=False))
+        if len(shape) != 4 or static_mismatch:
+            raise ScoringError(f"model input shape {shape} does not match metadata {expected}")
+        outputs = {o.name for o in self.session.get_outputs()}
+        for name in (meta.score_output, meta.anomaly_map_output):
+            if name not in outputs:
+                raise ScoringError(f"model has no output {name!r} (outputs: {sorted(outputs)})")
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold on ``pred_score`` (0.5 for anomalib's normalised scores)."""
+        return self.metadata.threshold
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """RGB, bilinear resize to the model's HxW, float32 in [0, 1], NCHW with batch 1."""
+        spec = self.metadata.input
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if rgb.size != (spec.width, spec.height):
+            rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        array = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+        return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis])
+
+    def score(self, image: Image.Image | bytes) -> ScoreResult:
+        """Score one image (a PIL image or encoded JPEG/PNG bytes)."""
+        if isinstance(image, bytes | bytearray | memoryview):
+            image = Image.open(io.BytesIO(bytes(image)))
+        t0 = time.perf_counter()
+        batch = self.preprocess(image)
+        t1 = time.perf_counter()
+        meta = self.metadata
+        raw_score, raw_map = self.session.run(
+            [meta.score_output, meta.anomaly_map_output], {meta.input.name: batch}
+        )
+        t2 = time.perf_counter()
+        score_values = np.asarray(raw_score, dtype=np.float64).reshape(-1)
+        if score_values.size != 1 or not np.isfinite(score_values[0]):
+            raise ScoringError(f"model output {meta.score_output!r} is not one finite number: {raw_score!r}")
+        score = float(score_values[0])
+        anomaly_map = _to_2d_map(np.asarray(raw_map), meta.anomaly_map_output)
+        t3 = time.perf_counter()
+        return ScoreResult(
+            score=score,
+            is_anomalous=score >= meta.threshold,
+            threshold=meta.threshold,
+            anomaly_map=anomaly_map,
+            timings={
+                "preprocess": (t1 - t0) * 1000.0,
+                "inference": (t2 - t1) * 1000.0,
+                "postprocess": (t3 - t2) * 1000.0,
+            },
+        )
+
+
+def _to_2d_map(raw: np.ndarray, name: str) -> np.ndarray:
+    """Squeeze ``[1,1,H,W]`` / ``[1,H,W]`` / ``[H,W]`` to ``float32[H,W]`` clipped to [0, 1]."""
+    array = raw
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ScoringError(f"model output {name!r} has shape {raw.shape}; expected [1,1,H,W] or [1,H,W]")
+    array = np.nan_to_num(array.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(array, 0.0, 1.0)
+
+
+def heat_colormap(values: np.ndarray) -> np.ndarray:
+    """Map ``[0, 1]`` floats to uint8 RGB with a jet-like ramp (blue → cyan → yellow → red).
+
+    A piecewise-linear approximation of matplotlib's ``jet``, so overlays look like the ones
+    the evaluation stage draws, without shipping matplotlib in the Lambda image.
+    """
+    v = np.clip(values, 0.0, 1.0).astype(np.float32)
+    red = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    green = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    blue = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return (np.stack([red, green, blue], axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def overlay(
+    image: Image.Image,
+    anomaly_map: np.ndarray,
+    *,
+    alpha: float = 0.5,
+    image_format: Literal["PNG", "JPEG"] = "PNG",
+) -> bytes:
+    """Blend the coloured anomaly map over the image at the image's own size; return encoded bytes.
+
+    The map is upsampled bilinearly (as a float image, so no 8-bit banding) to the input size,
+    so operators see the heat map on the picture the camera actually took.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    heat_map = np.asarray(anomaly_map, dtype=np.float32)
+    if heat_map.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D, got shape {heat_map.shape}")
+    if heat_map.shape != (rgb.height, rgb.width):
+        heat_map = np.asarray(
+            Image.fromarray(heat_map, mode="F").resize(rgb.size, Image.Resampling.BILINEAR), dtype=np.float32
+        )
+    colours = heat_colormap(heat_map).astype(np.float32)
+    base = np.asarray(rgb, dtype=np.float32)
+    blended = (1.0 - alpha) * base + alpha * colours
+    out = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    buffer = io.BytesIO()
+    if image_format == "JPEG":
+        out.save(buffer, format="JPEG", quality=90)
+    else:
+        # compress_level 1: overlays are written once and rarely read; CPU time is billed.
+        out.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
