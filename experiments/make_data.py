@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import yaml
+from experiments.data_validation import dvc_dir_md5, recorded_md5
 
 PACKAGE = "elpv_dataset"
 DISTRIBUTION = "elpv-dataset"
@@ -269,34 +268,6 @@ def materialise(out: Path, limit: int | None = None) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return True
-
-
-def dvc_dir_md5(root: Path) -> str:
-    """The md5 that ``dvc add`` records for a directory (DVC 3 ``.dir`` object hash).
-
-    DVC hashes a directory as md5(json.dumps(sorted [{"md5": <file md5>, "relpath": <posix path>}],
-    sort_keys=True)) + ".dir". Computing it here avoids a DVC lock and a cache write, so the check
-    is safe to run while other DVC commands are running in the same repo.
-    """
-    files, _ = _existing_files(root)
-    entries = []
-    for rel in files:
-        digest = hashlib.md5()
-        with open(root / rel, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        entries.append({"md5": digest.hexdigest(), "relpath": rel})
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
-
-
-def recorded_md5(dvc_file: Path) -> str | None:
-    """The md5 of the (single) output recorded in a ``.dvc`` file, or None if there is none."""
-    if not dvc_file.is_file():
-        return None
-    meta = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
-    outs = meta.get("outs") or []
-    return outs[0].get("md5") if outs else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,295 @@
+"""Validation of ``data/`` (MVTec AD layout) and of the ``data`` params, as pure, typed functions.
+
+Why a separate module: the ``prepare`` stage, the tests and any later tool (e.g. a data check in CI)
+need the same rules, and every rule must fail with one message that names the offending file or
+folder, so a broken data set is fixed in minutes rather than debugged inside a training run.
+
+Decisions (also recorded in ``build/prepare/report.json``):
+
+* Images may differ in size: models resize everything to ``data.image_size`` anyway. ``prepare``
+  copies bytes unchanged when the chosen subset has a single size, and otherwise resizes the subset
+  to ``image_size`` x ``image_size`` so that ``build/dataset`` holds one size (docs/contracts.md).
+* Images must be 8-bit, 1-channel (grayscale) or 3-channel (RGB, or a palette without
+  transparency), and at least ``MIN_SIDE`` pixels on each side; anything else is an error, because
+  converting alpha/CMYK/16-bit images to RGB silently changes what the model sees.
+* Masks (``ground_truth/<defect>/<stem>_mask.png``) are optional but all-or-nothing: either no
+  masks at all, or one per defect image. Partial masks would make pixel metrics silently wrong.
+* Subsets are chosen by ranking sha256(seed + relative path), ties broken by name: deterministic,
+  independent of file-system order and of Python's RNG, and stable when files are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from experiments.config import ParamsError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MIN_SIDE = 32
+SIZE_MULTIPLE = 32
+GOOD = "good"
+MASK_SUFFIX = "_mask"
+# PIL modes accepted for images, with their channel count. "P" is accepted only without transparency.
+IMAGE_MODES = {"1": 1, "L": 1, "P": 3, "RGB": 3}
+MASK_MODES = ("1", "L", "P")
+_TOP_LEVEL = ("train", "test", "ground_truth")
+
+
+class DataValidationError(ValueError):
+    """``data/`` is unusable; the message names the offending file or folder."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """The validated ``seed`` and ``data.*`` params."""
+
+    root: Path
+    image_size: int
+    max_train: int
+    max_test_good: int
+    max_test_defect: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``check_image`` learned about one image."""
+
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass
+class DataLayout:
+    """Relative (posix) paths of the images of an MVTec AD folder, each list sorted."""
+
+    train_good: list[str] = field(default_factory=list)
+    test_good: list[str] = field(default_factory=list)
+    test_defect: dict[str, list[str]] = field(default_factory=dict)  # defect category -> images
+    masks: dict[str, str] = field(default_factory=dict)  # defect image -> its mask
+
+    def images(self) -> list[str]:
+        defects = [p for cat in sorted(self.test_defect) for p in self.test_defect[cat]]
+        return [*self.train_good, *self.test_good, *defects]
+
+    def defect_images(self) -> list[str]:
+        return [p for cat in sorted(self.test_defect) for p in self.test_defect[cat]]
+
+
+def _int_param(section: Mapping[str, Any], key: str, label: str, minimum: int) -> int:
+    if key not in section:
+        raise ParamsError(f"params.yaml: missing {label}")
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamsError(f"params.yaml: {label} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ParamsError(f"params.yaml: {label} must be >= {minimum}, got {value}")
+    return value
+
+
+def validate_data_params(params: Mapping[str, Any]) -> DataParams:
+    """Check ``seed`` and ``data.*``; counts must be >= 1 (a model needs training images, and
+    AUROC needs both normal and defective test images) and image_size a positive multiple of 32
+    (the backbones downsample by 32)."""
+    seed = _int_param(params, "seed", "seed", 0)
+    data = params.get("data")
+    if not isinstance(data, Mapping):
+        raise ParamsError("params.yaml: missing or invalid 'data' section (expected a mapping)")
+    root = data.get("root")
+    if not isinstance(root, str) or not root.strip():
+        raise ParamsError(f"params.yaml: data.root must be a non-empty path, got {root!r}")
+    image_size = _int_param(data, "image_size", "data.image_size", 1)
+    if image_size % SIZE_MULTIPLE:
+        raise ParamsError(
+            f"params.yaml: data.image_size must be a positive multiple of {SIZE_MULTIPLE}, got {image_size}"
+        )
+    return DataParams(
+        root=Path(root),
+        image_size=image_size,
+        max_train=_int_param(data, "max_train", "data.max_train", 1),
+        max_test_good=_int_param(data, "max_test_good", "data.max_test_good", 1),
+        max_test_defect=_int_param(data, "max_test_defect", "data.max_test_defect", 1),
+        seed=seed,
+    )
+
+
+def _visible(entries: Iterable[Path]) -> list[Path]:
+    """Hidden entries (.DS_Store, editor files) are not data; everything else is checked."""
+    return sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _list_images(folder: Path, root: Path) -> list[str]:
+    """Images of one category folder; any other visible entry is an error (it is a mistake)."""
+    images: list[str] = []
+    stems: dict[str, Path] = {}
+    for entry in _visible(folder.iterdir()):
+        if entry.is_dir():
+            raise DataValidationError(f"unexpected folder {entry} (category folders hold image files only)")
+        if entry.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataValidationError(
+                f"unexpected file {entry} (not an image; expected one of {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        if entry.stem in stems:
+            raise DataValidationError(f"duplicate image name {entry} (same stem as {stems[entry.stem]})")
+        stems[entry.stem] = entry
+        images.append(entry.relative_to(root).as_posix())
+    return images
+
+
+def _require_dir(path: Path, hint: str = "") -> None:
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "not found"
+        raise DataValidationError(f"{path}: {what}{hint}")
+
+
+def scan_layout(root: Path) -> DataLayout:
+    """Check the folder structure and list the images; does not open any image."""
+    _require_dir(root, " (run `python -m experiments.make_data` or `dvc pull`)")
+    for entry in _visible(root.iterdir()):
+        if entry.is_dir() and entry.name not in _TOP_LEVEL:
+            raise DataValidationError(f"unexpected folder {entry} (expected only {', '.join(_TOP_LEVEL)})")
+    layout = DataLayout()
+
+    train = root / "train"
+    _require_dir(train)
+    for entry in _visible(train.iterdir()):
+        if entry.name != GOOD:
+            raise DataValidationError(f"unexpected entry {entry} (train/ holds only good/: unsupervised)")
+    _require_dir(train / GOOD)
+    layout.train_good = _list_images(train / GOOD, root)
+    if not layout.train_good:
+        raise DataValidationError(f"{train / GOOD}: no training images")
+
+    test = root / "test"
+    _require_dir(test)
+    for entry in _visible(test.iterdir()):
+        if not entry.is_dir():
+            raise DataValidationError(f"unexpected file {entry} (test/ holds category folders only)")
+        if entry.name == GOOD:
+            layout.test_good = _list_images(entry, root)
+        else:
+            layout.test_defect[entry.name] = _list_images(entry, root)
+    _require_dir(test / GOOD)
+    if not layout.test_good:
+        raise DataValidationError(f"{test / GOOD}: no normal test images")
+    if not layout.defect_images():
+        raise DataValidationError(f"{test}: no defect images (expected test/<defect>/*.png)")
+
+    gt = root / "ground_truth"
+    if gt.exists():
+        _require_dir(gt)
+        layout.masks = _scan_masks(gt, root, layout)
+    return layout
+
+
+def _scan_masks(gt: Path, root: Path, layout: DataLayout) -> dict[str, str]:
+    """Pair ``ground_truth/<defect>/<stem>_mask.png`` with ``test/<defect>/<stem>.*``."""
+    masks: dict[str, str] = {}
+    for category in _visible(gt.iterdir()):
+        if not category.is_dir():
+            raise DataValidationError(f"unexpected file {category} (ground_truth/ holds defect folders only)")
+        if category.name == GOOD:
+            raise DataValidationError(f"{category}: normal images have no masks")
+        images = {Path(p).stem: p for p in layout.test_defect.get(category.name, [])}
+        for mask in _list_images(category, root):
+            stem = Path(mask).stem
+            if not stem.endswith(MASK_SUFFIX):
+                raise DataValidationError(f"{root / mask}: mask name must be <image stem>{MASK_SUFFIX}.png")
+            image = images.get(stem[: -len(MASK_SUFFIX)])
+            if image is None:
+                expected = root / "test" / category.name / f"{stem[: -len(MASK_SUFFIX)]}.png"
+                raise DataValidationError(f"{root / mask}: mask without image (no {expected})")
+            masks[image] = mask
+    if masks:
+        for image in layout.defect_images():
+            if image not in masks:
+                img = Path(image)
+                expected = root / "ground_truth" / img.parent.name / f"{img.stem}{MASK_SUFFIX}.png"
+                raise DataValidationError(
+                    f"{root / image}: defect image without mask (masks are all-or-nothing; no {expected})"
+                )
+    return masks
+
+
+def check_image(path: Path) -> ImageInfo:
+    """Fully decode one image (a header check misses truncated files) and check mode and size."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # checksums (PNG CRCs) without decoding
+        with Image.open(path) as im:
+            im.load()  # decodes every pixel: catches truncation and broken compressed data
+            info = ImageInfo(im.width, im.height, im.mode)
+            has_alpha = "transparency" in im.info
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataValidationError(f"{path}: unreadable or corrupt image ({exc})") from exc
+    if info.mode not in IMAGE_MODES or (info.mode == "P" and has_alpha):
+        raise DataValidationError(
+            f"{path}: unsupported image mode {info.mode!r}{' with transparency' if has_alpha else ''} "
+            "(expected 8-bit 1-channel grayscale or 3-channel RGB)"
+        )
+    if min(info.width, info.height) < MIN_SIDE:
+        raise DataValidationError(f"{path}: image is {info.size}, smaller than {MIN_SIDE} px on a side")
+    return info
+
+
+def check_mask(path: Path, image: ImageInfo) -> None:
+    """A mask must decode, be single-channel and match its image's size pixel for pixel."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, width, height = im.mode, im.width, im.height
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataValidationError(f"{path}: unreadable or corrupt mask ({exc})") from exc
+    if mode not in MASK_MODES:
+        raise DataValidationError(f"{path}: mask mode {mode!r} is not single-channel (expected 1, L or P)")
+    if (width, height) != (image.width, image.height):
+        raise DataValidationError(f"{path}: mask is {width}x{height} but its image is {image.size}")
+
+
+def select_subset(paths: Sequence[str], k: int, seed: int) -> list[str]:
+    """Deterministically choose ``min(k, len(paths))`` paths; returned sorted by name."""
+    ranked = sorted(paths, key=lambda p: (hashlib.sha256(f"{seed}:{p}".encode()).hexdigest(), p))
+    return sorted(ranked[:k])
+
+
+def dvc_dir_md5(root: Path) -> str:
+    """The md5 that ``dvc add`` records for a directory (DVC 3 ``.dir`` hash).
+
+    md5(json.dumps(sorted [{"md5": <file md5>, "relpath": <posix path>}], sort_keys=True)) + ".dir".
+    Computed here instead of calling DVC so that it needs no DVC lock or cache write (other DVC
+    commands may be running in the same repo); a test checks it against dvc-data itself.
+    """
+    entries = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            digest = hashlib.md5()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(root).as_posix()})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def recorded_md5(dvc_file: Path) -> str | None:
+    """The md5 of the (single) output recorded in a ``.dvc`` file, or None if there is none."""
+    if not dvc_file.is_file():
+        return None
+    meta = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
+    outs = meta.get("outs") or []
+    return outs[0].get("md5") if outs else None

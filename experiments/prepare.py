@@ -1,0 +1,144 @@
+"""DVC stage ``prepare``: validate ``data/`` and copy a deterministic subset into ``build/dataset/``.
+
+Reads ``seed`` and ``data.*`` from params.yaml, validates every image (and mask) of ``data/`` with
+``experiments.data_validation`` (exit 1 with one message naming the offending file or folder),
+then copies ``data.max_train`` / ``max_test_good`` / ``max_test_defect`` images (chosen by
+``select_subset``) into ``build/dataset/`` in the same MVTec AD layout, and writes
+``build/prepare/report.json``. Bytes are copied unchanged when the chosen images share one size;
+otherwise they are resized to ``image_size`` (bilinear; masks nearest) so the output has one size.
+The output is byte-identical across runs (no timestamps, sorted everything).
+
+Usage: ``python -m experiments.prepare [--params params.yaml]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from experiments.config import ParamsError, load_params
+from experiments.data_validation import (
+    MASK_SUFFIX,
+    DataParams,
+    DataValidationError,
+    check_image,
+    check_mask,
+    dvc_dir_md5,
+    recorded_md5,
+    scan_layout,
+    select_subset,
+    validate_data_params,
+)
+
+DATASET_DIR = Path("build/dataset")
+REPORT_PATH = Path("build/prepare/report.json")
+
+
+def _write_file(src: Path, dest: Path, resize_to: int | None, is_mask: bool = False) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if resize_to is None:
+        shutil.copyfile(src, dest)  # bytes unchanged
+        return
+    with Image.open(src) as im:
+        im = im.convert("L") if is_mask or im.mode == "1" else im.convert("RGB") if im.mode == "P" else im
+        resample = Image.Resampling.NEAREST if is_mask else Image.Resampling.BILINEAR
+        im.resize((resize_to, resize_to), resample).save(dest, format="PNG")
+
+
+def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
+    """Run the stage; return the report (also written to ``report_path``)."""
+    p: DataParams = validate_data_params(load_params(params_path))
+    layout = scan_layout(p.root)
+    progress = tqdm(layout.images(), desc="validate", unit="img", mininterval=1.0)
+    infos = {rel: check_image(p.root / rel) for rel in progress}
+    for image, mask in layout.masks.items():
+        check_mask(p.root / mask, infos[image])
+
+    chosen = [
+        *select_subset(layout.train_good, p.max_train, p.seed),
+        *select_subset(layout.test_good, p.max_test_good, p.seed),
+        *select_subset(layout.defect_images(), p.max_test_defect, p.seed),
+    ]
+    sizes = sorted({infos[rel].size for rel in chosen})
+    resize_to = p.image_size if len(sizes) > 1 else None
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    files: list[str] = []
+    try:
+        for rel in tqdm(chosen, desc="copy", unit="img", mininterval=1.0):
+            dest = rel if resize_to is None else str(Path(rel).with_suffix(".png").as_posix())
+            _write_file(p.root / rel, tmp / dest, resize_to)
+            files.append(dest)
+            if rel in layout.masks:
+                mask_rel = f"ground_truth/{Path(rel).parent.name}/{Path(dest).stem}{MASK_SUFFIX}.png"
+                mask_src = p.root / layout.masks[rel]
+                _write_file(mask_src, tmp / mask_rel, resize_to, is_mask=True)
+                files.append(mask_rel)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def by_folder(paths: list[str]) -> dict[str, int]:
+        return dict(sorted(Counter(Path(rel).parent.as_posix() for rel in paths).items()))
+
+    dvc_file = p.root.parent / f"{p.root.name}.dvc"
+    recorded, actual = recorded_md5(dvc_file), dvc_dir_md5(p.root)
+    if recorded is not None and recorded != actual:
+        warning = f"prepare: warning: {p.root} (md5 {actual}) differs from {dvc_file} ({recorded})"
+        print(warning, file=sys.stderr)
+    report = {
+        "data_root": p.root.as_posix(),
+        "data_version": actual,  # DVC md5 of data/; equals data.dvc's md5 when in sync
+        "data_dvc_md5": recorded,
+        "params": {
+            "seed": p.seed,
+            "image_size": p.image_size,
+            "max_train": p.max_train,
+            "max_test_good": p.max_test_good,
+            "max_test_defect": p.max_test_defect,
+        },
+        "available": by_folder(layout.images()),
+        "selected": by_folder(chosen),
+        "masks": {"available": len(layout.masks), "selected": sum(rel in layout.masks for rel in chosen)},
+        "sizes_seen": dict(sorted(Counter(info.size for info in infos.values()).items())),
+        "modes_seen": dict(sorted(Counter(info.mode for info in infos.values()).items())),
+        "selected_sizes": sizes,
+        "resized_to": resize_to,  # null: bytes copied unchanged (the chosen images share one size)
+        "files": sorted(files),
+    }
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_report = report_path.with_name(f".{report_path.name}.tmp-{os.getpid()}")
+    tmp_report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp_report, report_path)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, default=DATASET_DIR)
+    parser.add_argument("--report", type=Path, default=REPORT_PATH)
+    args = parser.parse_args(argv)
+    try:
+        report = prepare(args.params, args.out, args.report)
+    except (DataValidationError, ParamsError) as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 1
+    selected = ", ".join(f"{k} {v}" for k, v in report["selected"].items())
+    print(f"prepare: {args.out}: {selected}; data_version {report['data_version']}; report {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
