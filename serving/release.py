@@ -1,0 +1,333 @@
+"""Release the promoted model as a Lambda container image in ECR.
+
+``python -m serving.release [--dry-run] [--repository NAME] [--region REGION]``
+
+A release must ship exactly the model the registry calls champion: before anything is
+built, ``serving/model/metadata.json`` is validated (schema, model sha256) and compared
+field by field with the MLflow registry's alias (registered model, version, run id, and
+the sha256 of the ONNX file stored in the registry). Any difference refuses the release.
+
+The image tag is ``v<registry_version>-<git short sha>`` so an image names both the model
+and the code that serves it. ECR is driven through boto3 (endpoint and credentials from
+the standard AWS environment variables, so a local AWS endpoint works too); Docker is
+driven through its CLI, and :func:`docker_commands` only *builds* the argv lists so that
+they can be printed (``--dry-run``) and tested without a Docker engine.
+
+Runs in the main (training) venv: it needs mlflow and PyYAML, which the image does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.model_meta import ModelMetadata, ModelMetadataError, load_metadata, sha256_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class ReleaseError(RuntimeError):
+    """The release is refused; the message says why and what to do."""
+
+
+class PublishError(RuntimeError):
+    """The checks passed but AWS or Docker failed while publishing."""
+
+
+@dataclass(frozen=True)
+class DockerCommand:
+    """One docker CLI invocation; ``stdin`` carries secrets so they never appear in argv."""
+
+    argv: list[str]
+    stdin: str | None = None
+
+    def display(self) -> str:
+        """Shell-quoted command line, with the stdin secret redacted."""
+        line = shlex.join(self.argv)
+        return f"{line}  # password on stdin (redacted)" if self.stdin is not None else line
+
+
+@dataclass(frozen=True)
+class RegistryLogin:
+    """Credentials for ``docker login`` decoded from ECR's authorization token."""
+
+    registry: str
+    username: str
+    password: str
+
+
+def read_params(path: Path = REPO_ROOT / "params.yaml") -> dict[str, Any]:
+    """``params.yaml`` is the single place for names such as the registered model name."""
+    import yaml
+
+    with path.open() as fh:
+        return yaml.safe_load(fh)
+
+
+def load_promoted(model_dir: Path) -> ModelMetadata:
+    """Validated metadata of the promoted model, or a refusal that says how to get one."""
+    if not (model_dir / "metadata.json").is_file():
+        raise ReleaseError(
+            f"no promoted model in {model_dir} (metadata.json missing): run the pipeline's "
+            "promote stage (dvc repro) or `dvc pull` first"
+        )
+    try:
+        return load_metadata(model_dir, verify_sha256=True)
+    except ModelMetadataError as exc:
+        raise ReleaseError(f"promoted model metadata is invalid: {exc}") from exc
+
+
+def _registry_onnx_sha256(uri: str, tracking_uri: str, model_file: str) -> str:
+    """Download the registered artifact and hash its ONNX file (the bytes promote copied)."""
+    from mlflow.artifacts import download_artifacts
+
+    with tempfile.TemporaryDirectory(prefix="release-registry-") as tmp:
+        local = Path(
+            download_artifacts(
+                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
+        )
+        candidates = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
+        named = [p for p in candidates if p.name == Path(model_file).name]
+        chosen = named or candidates
+        if len(chosen) != 1:
+            raise ReleaseError(f"registry artifact {uri} holds {len(chosen)} ONNX files, expected one")
+        return sha256_file(chosen[0])
+
+
+def check_champion(meta: ModelMetadata, *, tracking_uri: str, model_name: str, alias: str) -> None:
+    """Refuse unless the promoted model is exactly the registry's ``alias`` version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        raise ReleaseError(
+            f"registry {tracking_uri} has no {model_name}@{alias}: {exc.message.splitlines()[0]}"
+        ) from exc
+
+    mismatches = []
+    if meta.registered_model != model_name:
+        mismatches.append(f"registered_model {meta.registered_model!r} != {model_name!r}")
+    champion_version = str(version.version)  # MLflow returns an int, metadata holds a string
+    if str(meta.registry_version) != champion_version:
+        mismatches.append(
+            f"registry_version {meta.registry_version!r} != {alias} version {champion_version!r}"
+        )
+    if meta.run_id != (version.run_id or ""):
+        mismatches.append(f"run_id {meta.run_id!r} != {alias} run_id {version.run_id!r}")
+    if not mismatches:
+        registry_sha = _registry_onnx_sha256(
+            f"models:/{model_name}/{champion_version}", tracking_uri, meta.model_file
+        )
+        if registry_sha != meta.model_sha256:
+            mismatches.append(f"model_sha256 {meta.model_sha256} != registry ONNX sha256 {registry_sha}")
+    if mismatches:
+        raise ReleaseError(
+            f"serving model does not match {model_name}@{alias} in {tracking_uri}: "
+            + "; ".join(mismatches)
+            + " (re-run the promote stage)"
+        )
+
+
+def git_commit(repo: Path = REPO_ROOT, *, short: bool) -> str:
+    """HEAD of the repository the image is built from."""
+    argv = ["git", "-C", str(repo), "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ReleaseError(f"cannot read the git commit of {repo}: {exc}") from exc
+
+
+def image_tag(registry_version: str, git_short_sha: str) -> str:
+    """``v<registry_version>-<git short sha>``: which model, served by which code."""
+    return f"v{registry_version}-{git_short_sha}"
+
+
+def ensure_repository(ecr: Any, name: str, *, create: bool = True) -> tuple[str, bool]:
+    """Return ``(repositoryUri, created)``, creating the repository when it does not exist."""
+    try:
+        repos = ecr.describe_repositories(repositoryNames=[name])["repositories"]
+        return repos[0]["repositoryUri"], False
+    except ecr.exceptions.RepositoryNotFoundException:
+        if not create:
+            raise
+    repo = ecr.create_repository(
+        repositoryName=name,
+        imageTagMutability="IMMUTABLE",  # a tag names one model + one commit, forever
+        imageScanningConfiguration={"scanOnPush": True},
+    )["repository"]
+    return repo["repositoryUri"], True
+
+
+def registry_login(ecr: Any) -> RegistryLogin:
+    """Decode ECR's ``user:password`` token (the user is always ``AWS``)."""
+    data = ecr.get_authorization_token()["authorizationData"][0]
+    user, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+    return RegistryLogin(registry=data["proxyEndpoint"], username=user, password=password)
+
+
+def docker_commands(
+    *,
+    login: RegistryLogin,
+    repository_uri: str,
+    tag: str,
+    build_args: dict[str, str],
+    context: Path,
+    dockerfile: Path,
+    local_name: str,
+    docker: str = "docker",
+) -> list[DockerCommand]:
+    """The login, build, tag and push invocations, in order (argv lists, nothing is run)."""
+    local_image = f"{local_name}:{tag}"
+    remote_image = f"{repository_uri}:{tag}"
+    build = [docker, "build", "--file", str(dockerfile), "--platform", "linux/amd64", "--tag", local_image]
+    for key in sorted(build_args):
+        build += ["--build-arg", f"{key}={build_args[key]}"]
+    build.append(str(context))
+    return [
+        DockerCommand(
+            [docker, "login", "--username", login.username, "--password-stdin", login.registry],
+            stdin=login.password,
+        ),
+        DockerCommand(build),
+        DockerCommand([docker, "tag", local_image, remote_image]),
+        DockerCommand([docker, "push", remote_image]),
+    ]
+
+
+def run_commands(commands: list[DockerCommand]) -> None:
+    """Run each command, stopping at the first failure (the password only goes to stdin)."""
+    for cmd in commands:
+        print(f"+ {cmd.display()}", file=sys.stderr, flush=True)
+        try:
+            subprocess.run(cmd.argv, input=cmd.stdin, text=True, check=True)
+        except FileNotFoundError as exc:
+            raise PublishError(f"{cmd.argv[0]!r} not found: a Docker client and engine are needed") from exc
+        except subprocess.CalledProcessError as exc:
+            raise PublishError(
+                f"`{shlex.join(cmd.argv[:2])}` failed with exit code {exc.returncode}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """Everything a release decided, for printing and for tests."""
+
+    image: str
+    tag: str
+    repository_created: bool
+    commands: list[DockerCommand]
+
+
+def plan_release(
+    *,
+    model_dir: Path,
+    repository: str,
+    region: str | None,
+    tracking_uri: str,
+    model_name: str,
+    alias: str,
+    dry_run: bool,
+    docker: str = "docker",
+    context: Path = REPO_ROOT,
+) -> ReleasePlan:
+    """Check the model against the registry, prepare ECR and return the docker commands.
+
+    In ``dry_run`` mode nothing in AWS is changed (no repository is created).
+    """
+    import boto3
+
+    meta = load_promoted(model_dir)
+    check_champion(meta, tracking_uri=tracking_uri, model_name=model_name, alias=alias)
+    tag = image_tag(meta.registry_version, git_commit(context, short=True))
+
+    ecr = boto3.client("ecr", region_name=region)
+    try:
+        repo_uri, created = ensure_repository(ecr, repository, create=not dry_run)
+        login = registry_login(ecr)
+    except ecr.exceptions.RepositoryNotFoundException:
+        # Dry run against an account without the repository: show where it would go.
+        account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
+        host = f"{account}.dkr.ecr.{ecr.meta.region_name}.amazonaws.com"
+        repo_uri, created = f"{host}/{repository}", False
+        login = RegistryLogin(registry=f"https://{host}", username="AWS", password="<not requested>")
+        print(
+            f"(dry run) ECR repository {repository!r} does not exist; a real run creates it", file=sys.stderr
+        )
+
+    build_args = {
+        "MODEL_VERSION": meta.registry_version,
+        "MODEL_NAME": meta.model_name,
+        "MODEL_SHA256": meta.model_sha256,
+        "GIT_COMMIT": git_commit(context, short=False),
+    }
+    commands = docker_commands(
+        login=login,
+        repository_uri=repo_uri,
+        tag=tag,
+        build_args=build_args,
+        context=context,
+        dockerfile=context / "Dockerfile",
+        local_name=repository,
+        docker=docker,
+    )
+    return ReleasePlan(image=f"{repo_uri}:{tag}", tag=tag, repository_created=created, commands=commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: 0 released, 2 refused by a check (nothing pushed), 1 AWS/Docker failure."""
+    params = read_params()
+    registry = params.get("registry", {})
+    parser = argparse.ArgumentParser(prog="python -m serving.release", description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="check and print the docker commands only")
+    parser.add_argument("--repository", default=registry.get("model_name", "visual-inspection"))
+    parser.add_argument("--region", default=None, help="AWS region (default: AWS_REGION / AWS config)")
+    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / params["serving"]["model_dir"])
+    parser.add_argument("--docker", default="docker", help="docker CLI executable")
+    args = parser.parse_args(argv)
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    try:
+        plan = plan_release(
+            model_dir=args.model_dir,
+            repository=args.repository,
+            region=args.region,
+            tracking_uri=tracking_uri,
+            model_name=registry.get("model_name", "visual-inspection"),
+            alias=registry.get("alias", "champion"),
+            dry_run=args.dry_run,
+            docker=args.docker,
+        )
+        if args.dry_run:
+            for cmd in plan.commands:
+                print(cmd.display())
+            return 0
+        if plan.repository_created:
+            print(f"created ECR repository {args.repository}", file=sys.stderr)
+        run_commands(plan.commands)
+    except ReleaseError as exc:
+        print(f"release refused: {exc}", file=sys.stderr)
+        return 2
+    except (PublishError, BotoCoreError, ClientError) as exc:
+        print(f"release failed: {exc}", file=sys.stderr)
+        return 1
+    print(plan.image)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
