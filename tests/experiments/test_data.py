@@ -369,3 +369,32 @@ def test_prepare_resizes_mixed_sizes_and_copies_masks(
             sizes.add(im.size)
     assert sizes == {(64, 64)}
     assert (out / "ground_truth/defect/d000_mask.png").is_file()
+
+
+def test_interrupted_make_data_leaves_no_half_written_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "d"
+    make_data.materialise(out, limit=2)
+    before = _tree(out)
+    (out / "README.txt").write_bytes(b"stale")  # force a rewrite
+    before["README.txt"] = b"stale"
+    calls = {"n": 0}
+    real_copy = make_data.shutil.copyfile
+
+    def flaky_copy(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(make_data.shutil, "copyfile", flaky_copy)
+    with pytest.raises(KeyboardInterrupt):
+        make_data.materialise(out, limit=2)
+    assert _tree(out) == before  # old folder untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # temp folder cleaned up
+    monkeypatch.undo()
+    # a leftover from a killed run (dead pid) is removed by the next run
+    (tmp_path / ".d.tmp-999999999").mkdir()
+    assert make_data.materialise(out, limit=2) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
