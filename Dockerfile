@@ -50,6 +50,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     XDG_CACHE_HOME=/tmp/.cache \
     OPENVINO_TELEMETRY_DISABLE=1 \
     DO_NOT_TRACK=1 \
+    POWERTOOLS_SERVICE_NAME=visual-inspection \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MODEL_DIR=${LAMBDA_TASK_ROOT}/serving/model \
