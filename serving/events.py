@@ -190,7 +190,7 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RequestError(422, "image_too_large", "image dimensions are too large") from exc
+        raise RequestError(422, "image_too_large", f"image dimensions are too large ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise RequestError(422, "invalid_image", "body is not a decodable JPEG or PNG image") from exc
     if image.format not in FORMAT_CONTENT_TYPES:
