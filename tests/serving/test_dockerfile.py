@@ -25,11 +25,11 @@ DOCKERFILE = REPO / "Dockerfile"
 FORBIDDEN_IN_IMAGE = {"torch", "torchvision", "anomalib", "lightning", "pytorch-lightning", "timm"}
 
 
-def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+def instructions(path: Path | None = None) -> list[tuple[str, str]]:
     """``(INSTRUCTION, arguments)`` pairs with line continuations joined and comments dropped."""
     result: list[tuple[str, str]] = []
     buffer = ""
-    for raw in path.read_text().splitlines():
+    for raw in (path or DOCKERFILE).read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
