@@ -1,0 +1,294 @@
+"""Storage and the Lambda handler against a real local AWS endpoint (moto server over HTTP)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from PIL import Image
+
+from serving.events import RequestLimits
+from serving.scoring import Scorer, overlay
+from serving.service import InferenceService
+from serving.storage import ResultRecord, ResultStore, StorageError, create_resources
+from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v1_event, v2_event
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _objects() -> dict[str, bytes]:
+    s3 = boto3.client("s3")
+    try:
+        listing = s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+    except s3.exceptions.NoSuchBucket:
+        return {}
+    return {o["Key"]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listing}
+
+
+def _items() -> list[dict[str, Any]]:
+    dynamodb = boto3.client("dynamodb")
+    try:
+        return dynamodb.scan(TableName=TABLE)["Items"]
+    except dynamodb.exceptions.ResourceNotFoundException:
+        return []
+
+
+def _service(scorer: Scorer, **store_kwargs: Any) -> InferenceService:
+    store = ResultStore(TABLE, BUCKET, "results/", **store_kwargs)
+    return InferenceService(scorer, store, RequestLimits())
+
+
+def _png_event(image: bytes, request_id: str = "req-1", camera: str = "cam-1", **kwargs: Any) -> dict:
+    headers = {"content-type": "image/png", "x-camera-id": camera}
+    return v2_event(image, headers, request_id=request_id, **kwargs)
+
+
+def _body(response: dict) -> dict:
+    assert response["headers"]["content-type"] == "application/json"
+    return json.loads(response["body"])
+
+
+# -- storage ------------------------------------------------------------------------------------
+
+
+def _record(**overrides: Any) -> ResultRecord:
+    values: dict[str, Any] = {
+        "camera_id": "cam-1",
+        "request_id": "r-1",
+        "captured_at": "2026-02-03T04:05:06.789Z",
+        "score": 0.123456789,
+        "is_anomalous": False,
+        "threshold": 0.5,
+        "model_name": "padim",
+        "model_version": "3",
+        "latency_ms": {"parse": 1.5, "score": 2.25},
+        "image_width": 300,
+        "image_height": 300,
+    }
+    values.update(overrides)
+    return ResultRecord(**values)
+
+
+def test_save_writes_s3_then_dynamodb(aws_resources: str) -> None:
+    store = ResultStore(TABLE, BUCKET, "results/", store_original=True)
+    outcome = store.save(
+        _record(), b"overlay-bytes", original=b"jpeg-bytes", original_content_type="image/jpeg"
+    )
+    assert not outcome.replayed
+    base = "results/cam-1/2026/02/03/r-1"
+    assert _objects() == {f"{base}-overlay.png": b"overlay-bytes", f"{base}-original.jpg": b"jpeg-bytes"}
+    stored = store.get("cam-1", "r-1")
+    assert stored == outcome.item
+    assert stored is not None
+    assert stored["score"] == 0.123456789
+    assert stored["result_uri"] == f"s3://{BUCKET}/{base}-overlay.png"
+    assert stored["original_uri"] == f"s3://{BUCKET}/{base}-original.jpg"
+    assert stored["latency_ms"] == {"parse": 1.5, "score": 2.25}
+    raw = _items()[0]
+    assert raw["score"] == {"N": "0.123456789"}
+    assert raw["is_anomalous"] == {"BOOL": False}
+    head = boto3.client("s3").head_object(Bucket=BUCKET, Key=f"{base}-overlay.png")
+    assert head["ContentType"] == "image/png"
+
+
+def test_concurrent_duplicate_returns_winner_and_keeps_its_objects(aws_resources: str) -> None:
+    store = ResultStore(TABLE, BUCKET)
+    first = store.save(_record(), b"winner")
+    # Same request id, different capture day (e.g. defaulted captured_at): loser's object must go.
+    second = store.save(_record(captured_at="2026-02-04T00:00:00.000Z", score=0.9), b"loser")
+    assert second.replayed
+    assert second.item == first.item
+    assert _objects() == {"results/cam-1/2026/02/03/r-1-overlay.png": b"winner"}
+    # Same day: the key is the winner's, so it is kept (not deleted by the loser's cleanup).
+    third = store.save(_record(), b"winner")
+    assert third.replayed
+    assert list(_objects()) == ["results/cam-1/2026/02/03/r-1-overlay.png"]
+    assert len(_items()) == 1
+
+
+def test_dynamodb_failure_removes_s3_objects(aws_env: str) -> None:
+    boto3.client("s3").create_bucket(Bucket=BUCKET)  # no table
+    store = ResultStore(TABLE, BUCKET, store_original=True)
+    with pytest.raises(StorageError) as info:
+        store.save(_record(), b"overlay", original=b"png", original_content_type="image/png")
+    assert info.value.store == "dynamodb"
+    assert "ResourceNotFoundException" in str(info.value)
+    assert _objects() == {}
+
+
+def test_s3_failure_writes_nothing_to_dynamodb(aws_env: str) -> None:
+    create_resources(TABLE, "other-bucket")
+    store = ResultStore(TABLE, BUCKET)
+    with pytest.raises(StorageError) as info:
+        store.save(_record(), b"overlay")
+    assert info.value.store == "s3"
+    assert "NoSuchBucket" in str(info.value)
+    assert _items() == []
+
+
+def test_from_env_requires_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.storage import ConfigurationError
+
+    monkeypatch.delenv("RESULTS_TABLE", raising=False)
+    monkeypatch.delenv("RESULTS_BUCKET", raising=False)
+    with pytest.raises(ConfigurationError, match="RESULTS_TABLE, RESULTS_BUCKET"):
+        ResultStore.from_env()
+
+
+# -- handler ------------------------------------------------------------------------------------
+
+
+def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: Scorer) -> None:
+    service = _service(scorer, store_original=True)
+    data = elpv_image_bytes(4)
+    event = v1_event(
+        json_body(data, camera_id="line-2", captured_at="2026-05-06T07:08:09Z"),
+        {"Content-Type": "application/json"},
+        base64_encoded=False,
+        request_id="gw-1",
+    )
+    response = service.handle(event, None)
+    assert response["statusCode"] == 200, response
+    assert response["headers"]["x-idempotent-replay"] == "false"
+    body = _body(response)
+    base = "results/line-2/2026/05/06/gw-1"
+    expected = scorer.score(data)
+    assert body == {
+        "score": expected.score,
+        "is_anomalous": expected.is_anomalous,
+        "threshold": 0.5,
+        "model_name": "padim",
+        "model_version": scorer.metadata.registry_version,
+        "result_uri": f"s3://{BUCKET}/{base}-overlay.png",
+        "request_id": "gw-1",
+        "camera_id": "line-2",
+        "captured_at": "2026-05-06T07:08:09.000Z",
+    }
+    image = Image.open(io.BytesIO(data))
+    expected_overlay = overlay(image, expected.anomaly_map)
+    assert _objects() == {f"{base}-overlay.png": expected_overlay, f"{base}-original.png": data}
+    (item,) = _items()
+    assert item["camera_id"] == {"S": "line-2"}
+    assert item["request_id"] == {"S": "gw-1"}
+    assert float(item["score"]["N"]) == expected.score
+    assert item["is_anomalous"] == {"BOOL": expected.is_anomalous}
+    assert item["model_version"] == {"S": scorer.metadata.registry_version}
+    assert set(item["latency_ms"]["M"]) == {"parse", "score", "overlay"}
+    assert item["overlay_key"] == {"S": f"{base}-overlay.png"}
+
+
+def test_retried_request_stores_nothing_twice(aws_resources: str, scorer: Scorer) -> None:
+    service = _service(scorer)
+    data = elpv_image_bytes(2)
+    headers = {"content-type": "image/png", "x-camera-id": "cam-1", "idempotency-key": "client-key-1"}
+    event = v2_event(data, headers, request_id="gw-first")
+    first = service.handle(event, None)
+    objects_before = _objects()
+    retry = v2_event(data, headers, request_id="gw-second")  # API Gateway gives retries a new id
+    second = service.handle(retry, None)
+    assert second["statusCode"] == 200
+    assert second["headers"]["x-idempotent-replay"] == "true"
+    assert second["body"] == first["body"]
+    assert _body(first)["request_id"] == "client-key-1"
+    assert _objects() == objects_before
+    assert len(objects_before) == 1
+    assert len(_items()) == 1
+
+
+def test_handler_bad_request_is_json_4xx_and_stores_nothing(aws_resources: str, scorer: Scorer) -> None:
+    response = _service(scorer).handle(v2_event(b"garbage", {"content-type": "image/png"}), None)
+    assert response["statusCode"] == 422
+    assert _body(response)["error"]["code"] == "invalid_image"
+    response = _service(scorer).handle({"hello": "world"}, None)
+    assert response["statusCode"] == 400
+    assert set(_body(response)["error"]) >= {"code", "message"}
+    assert _objects() == {} and _items() == []
+
+
+def test_bucket_missing_is_5xx_and_no_dynamodb_item(aws_env: str, scorer: Scorer) -> None:
+    create_resources(TABLE, "some-other-bucket")
+    response = _service(scorer).handle(_png_event(elpv_image_bytes(0)), None)
+    assert response["statusCode"] == 500
+    error = _body(response)["error"]
+    assert error["code"] == "s3_error"
+    assert "s3" in error["message"] and "NoSuchBucket" in error["message"]
+    assert error["request_id"] == "req-1"
+    assert _items() == []
+
+
+def test_table_missing_is_5xx_and_no_s3_object(aws_env: str, scorer: Scorer) -> None:
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    response = _service(scorer).handle(_png_event(elpv_image_bytes(0)), None)
+    assert response["statusCode"] == 500
+    assert _body(response)["error"]["code"] == "dynamodb_error"
+    assert _objects() == {}
+
+
+def test_dynamodb_down_after_s3_write_leaves_no_s3_object(aws_resources: str, scorer: Scorer) -> None:
+    """The lookup succeeds, S3 is written, then DynamoDB becomes unreachable for the put."""
+    service = _service(scorer, store_original=True)
+
+    def unreachable(**_: Any) -> None:
+        raise EndpointConnectionError(endpoint_url=aws_resources)
+
+    service.store.dynamodb.meta.events.register("before-send.dynamodb.PutItem", unreachable)
+    response = service.handle(_png_event(elpv_image_bytes(1)), None)
+    assert response["statusCode"] == 503
+    assert _body(response)["error"]["code"] == "dynamodb_error"
+    assert _objects() == {}
+    assert _items() == []
+
+
+def test_server_down_is_503(aws_env: str, scorer: Scorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    response = _service(scorer).handle(_png_event(elpv_image_bytes(0)), None)
+    assert response["statusCode"] == 503
+    error = _body(response)["error"]
+    assert error["code"] == "dynamodb_error"
+    assert "Could not connect" in error["message"]
+
+
+def test_module_handler_from_env(aws_resources: str, serving_model_dir: Path, monkeypatch) -> None:
+    """``serving.app.handler`` builds everything at import from the environment."""
+    monkeypatch.setenv("MODEL_DIR", str(serving_model_dir))
+    monkeypatch.delitem(sys.modules, "serving.app", raising=False)
+    import serving.app as app
+
+    monkeypatch.delitem(sys.modules, "serving.app")  # later imports rebuild from their own env
+    response = app.handler(_png_event(elpv_image_bytes(3), request_id="mod-1"), None)
+    assert response["statusCode"] == 200, response
+    assert _body(response)["result_uri"].startswith(f"s3://{BUCKET}/results/cam-1/")
+    assert len(_items()) == 1
+
+
+def test_serving_imports_no_torch(serving_model_dir: Path) -> None:
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(serving_model_dir),
+        "RESULTS_TABLE": TABLE,
+        "RESULTS_BUCKET": BUCKET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    code = (
+        "import sys, serving.app;"
+        "bad = sorted(m for m in ('torch', 'torchvision', 'anomalib', 'lightning', 'matplotlib', 'cv2')"
+        " if m in sys.modules);"
+        "assert not bad, bad"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
