@@ -31,8 +31,11 @@ MB = 1024 * 1024
 IMAGE_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG"}
 FORMAT_CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png"}
 JSON_CONTENT_TYPE = "application/json"
-# Used as DynamoDB keys and S3 key segments: keep them boring.
+# Used as DynamoDB keys and S3 key segments: keep them boring (no '/', no spaces).
 IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Request ids also allow '=' and '+': API Gateway HTTP API ids are base64 (e.g. "JFcJxjA5IAMEVqg=").
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,127}$")
+_REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:=+-]")
 
 
 class RequestError(Exception):
@@ -168,15 +171,20 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _identifier(value: Any, field: str) -> str:
+def _identifier(value: Any, field: str, pattern: re.Pattern[str] = IDENTIFIER_RE, extra: str = "") -> str:
     text = str(value).strip() if value is not None else ""
-    if not IDENTIFIER_RE.match(text):
+    if not pattern.match(text):
         raise RequestError(
             400,
             f"invalid_{field}",
-            f"{field} must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+            f"{field} must be 1-128 characters of letters, digits, '.', '_', ':'{extra} or '-'",
         )
     return text
+
+
+def _server_request_id(value: str) -> str:
+    """Ids we did not get from the client cannot be "fixed" by it: make them key-safe, don't reject."""
+    return _REQUEST_ID_UNSAFE.sub("_", value.strip())[:128] or uuid.uuid4().hex
 
 
 def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str]:
@@ -295,10 +303,10 @@ def parse_event(
 
     client_id = headers.get("idempotency-key") or headers.get("x-request-id")
     if client_id:
-        request_id = _identifier(client_id, "request_id")
+        request_id = _identifier(client_id, "request_id", REQUEST_ID_RE, ", '=', '+'")
     else:
         context_id = (event.get("requestContext") or {}).get("requestId")
-        request_id = _identifier(context_id or fallback_request_id or uuid.uuid4().hex, "request_id")
+        request_id = _server_request_id(str(context_id or fallback_request_id or uuid.uuid4().hex))
 
     image, detected_type = decode_image(image_bytes, limits)
     return ScoringRequest(

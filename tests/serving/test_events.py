@@ -92,6 +92,13 @@ def test_request_id_precedence() -> None:
     assert parse_event(v2_event(data, {**headers, "x-request-id": "client-1"})).request_id == "client-1"
     both = {**headers, "x-request-id": "client-1", "Idempotency-Key": "idem-1"}
     assert parse_event(v2_event(data, both)).request_id == "idem-1"
+    # HTTP API request ids are base64 and end with '='; they are used as-is.
+    assert (
+        parse_event(v2_event(data, headers, request_id="JFcJxjA5IAMEVqg=")).request_id == "JFcJxjA5IAMEVqg="
+    )
+    assert parse_event(v2_event(data, {**headers, "x-request-id": "a+b="})).request_id == "a+b="
+    # Server-side ids are made key-safe rather than rejected: the client cannot change them.
+    assert parse_event(v1_event(data, headers, request_id="a/b c")).request_id == "a_b_c"
     no_ctx = v2_event(data, headers)
     no_ctx["requestContext"].pop("requestId")
     assert parse_event(no_ctx, fallback_request_id="lambda-id").request_id == "lambda-id"
