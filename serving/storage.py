@@ -28,6 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 import boto3
+from aws_lambda_powertools import Logger
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
@@ -65,6 +66,7 @@ _RETRYABLE_CODES = {
     "SlowDown",
 }
 
+logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "visual-inspection"), child=True)
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
 
@@ -314,11 +316,7 @@ class ResultStore:
             except (ClientError, BotoCoreError):
                 failed.append(key)
         if failed:
-            from aws_lambda_powertools import Logger
-
-            Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "visual-inspection")).warning(
-                "could not delete S3 objects after a failed write", extra={"orphan_keys": failed}
-            )
+            logger.warning("could not delete S3 objects after a failed write", extra={"orphan_keys": failed})
         return failed
 
 
