@@ -1,0 +1,429 @@
+"""DVC stage ``promote``: fetch the registry champion and write ``serving/model/`` (contract §5).
+
+Why the model comes from the registry and not from ``build/eval``: what is served must be exactly
+what the registry alias says is the champion (that is what humans audit and roll back). The local
+evaluation export is used only as a cross-check: the downloaded graph must load in ONNX Runtime with
+the contract's input ``float32[1,3,S,S]`` and give the same ``pred_score`` on a few real test images,
+otherwise the registry and the evaluated model have drifted apart and nothing is promoted.
+
+Atomicity: everything is written into a temporary sibling directory, validated with the serving
+side's own ``serving.model_meta.load_metadata``, and only then swapped in by rename, so a failure at
+any point leaves the previous ``serving/model/`` untouched.
+
+Determinism: ``exported_at`` is the registry version's creation time, not "now", so promoting the
+same version twice yields byte-identical files.
+
+Usage: ``python -m registry.promote [--params params.yaml] [--out serving/model] [--eval-dir build/eval]
+[--dataset build/dataset] [--n-images 4] [--atol 1e-4]``. ``REGISTRY_PROMOTE_OUT`` overrides the
+output directory (tests use it to keep the repo's ``serving/model`` untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
+
+if TYPE_CHECKING:
+    import numpy as np
+    from mlflow import MlflowClient
+
+log = logging.getLogger("registry.promote")
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+SCORE_OUTPUT = "pred_score"
+MAP_OUTPUT = "anomaly_map"
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DEFAULT_ATOL = 1e-4
+DEFAULT_N_IMAGES = 4
+OUT_ENV = "REGISTRY_PROMOTE_OUT"
+
+
+class PromoteError(RuntimeError):
+    """The champion cannot be promoted; the message says what to fix. serving/model is untouched."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _image_size(summary: EvalSummary) -> tuple[int, int]:
+    """``image_size`` from the summary as ``(height, width)``; accepts ``S`` or ``[H, W]``."""
+    raw = summary.get("image_size")
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
+        return raw, raw
+    if (
+        isinstance(raw, list | tuple)
+        and len(raw) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw)
+    ):
+        return int(raw[0]), int(raw[1])
+    raise PromoteError(f"{summary.path}: image_size must be a positive int or [height, width], got {raw!r}")
+
+
+def _finite_number(summary: EvalSummary, key: str) -> float:
+    value = summary.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PromoteError(f"{summary.path}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def resolve_champion(
+    client: MlflowClient, name: str, alias: str, eval_dir: Path, models: Sequence[str]
+) -> tuple[Any, EvalSummary]:
+    """The version behind ``name@alias`` and the evaluation summary of the same run.
+
+    Refuses if the alias is missing, or if it points at a run that none of the current evaluation
+    summaries describe (metadata such as the threshold would then be wrong for the model).
+    """
+    from registry.select import load_summary
+
+    version = alias_version(client, name, alias)
+    if version is None:
+        raise PromoteError(
+            f"registered model {name!r} has no alias {alias!r} (or does not exist) in "
+            f"{client.tracking_uri}; run the `select` stage first (dvc repro select)"
+        )
+    summaries = [load_summary(eval_dir, m) for m in sorted(models)]
+    matching = [s for s in summaries if s.run_id == version.run_id]
+    if not matching:
+        known = ", ".join(f"{s.model}={s.run_id}" for s in summaries)
+        raise PromoteError(
+            f"{name}@{alias} is version {version.version} from run {version.run_id}, which matches no "
+            f"evaluation summary in {eval_dir} ({known}); re-run `select` so the alias and build/eval agree"
+        )
+    return version, matching[0]
+
+
+def download_onnx(client: MlflowClient, name: str, alias: str, dst: Path) -> Path:
+    """Download ``models:/name@alias`` and return it as one self-contained ``model.onnx``.
+
+    MLflow's ONNX flavour may store weights as external data next to the graph; serving and the
+    metadata hash need a single file, so the graph is re-serialised with the weights inlined.
+    """
+    import mlflow
+    import onnx
+    import yaml
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}@{alias}",
+            dst_path=str(dst),
+            tracking_uri=client.tracking_uri,
+            registry_uri=getattr(client, "_registry_uri", None) or client.tracking_uri,
+        )
+    )
+    mlmodel = local / "MLmodel"
+    onnx_name = MODEL_FILE
+    if mlmodel.is_file():
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+        if "onnx" not in flavors:
+            raise PromoteError(f"models:/{name}@{alias} has no ONNX flavour (flavours: {sorted(flavors)})")
+        onnx_name = flavors["onnx"].get("data", MODEL_FILE)
+    src = local / onnx_name
+    if not src.is_file():
+        raise PromoteError(f"models:/{name}@{alias}: {onnx_name} not found in the downloaded model")
+    model = onnx.load(str(src), load_external_data=True)
+    out = dst / f"single-{MODEL_FILE}"
+    onnx.save_model(model, str(out), save_as_external_data=False)
+    return out
+
+
+def load_images(dataset: Path, n: int, size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
+    """Up to ``n`` test images (half good, half defect, sorted) as ``float32[1,3,H,W]`` RGB in [0, 1].
+
+    Bilinear resize to ``size`` — the same preparation the serving side applies (contract §5).
+    """
+    import numpy as np
+    from PIL import Image
+
+    test = dataset / "test"
+    groups = sorted(p for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+    per_group = [
+        sorted(f for f in g.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) for g in groups
+    ]
+    picked: list[Path] = []
+    while len(picked) < n and any(per_group):
+        for files in per_group:
+            if files and len(picked) < n:
+                picked.append(files.pop(0))
+    if not picked:
+        raise PromoteError(f"{test}: no test images to verify the champion with (run the prepare stage)")
+    height, width = size
+    arrays = []
+    for path in picked:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+        arr = np.asarray(rgb, dtype=np.float32) / 255.0
+        arrays.append((str(path), arr.transpose(2, 0, 1)[None].copy()))
+    return arrays
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several private exception types
+        raise PromoteError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+
+
+def verify(
+    candidate: Path, reference: Path, size: tuple[int, int], dataset: Path, n: int, atol: float
+) -> str:
+    """Check input spec and outputs, and ``pred_score`` against the evaluated export; return input name."""
+    import numpy as np
+
+    sess = _session(candidate)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise PromoteError(f"champion ONNX has {len(inputs)} inputs, expected 1")
+    inp = inputs[0]
+    expected = [1, 3, size[0], size[1]]
+    if list(inp.shape) != expected:
+        raise PromoteError(f"champion ONNX input {inp.name!r} has shape {inp.shape}, expected {expected}")
+    if inp.type != "tensor(float)":
+        raise PromoteError(f"champion ONNX input {inp.name!r} is {inp.type}, expected tensor(float)")
+    outputs = {o.name for o in sess.get_outputs()}
+    missing = {SCORE_OUTPUT, MAP_OUTPUT} - outputs
+    if missing:
+        raise PromoteError(f"champion ONNX lacks outputs {sorted(missing)} (has {sorted(outputs)})")
+    if not reference.is_file():
+        raise PromoteError(f"{reference}: evaluated ONNX export not found; cannot cross-check the champion")
+    ref = _session(reference)
+    ref_input = ref.get_inputs()[0].name
+    worst = 0.0
+    for path, x in load_images(dataset, n, size):
+        got = np.asarray(sess.run([SCORE_OUTPUT], {inp.name: x})[0], dtype=np.float64).ravel()
+        want = np.asarray(ref.run([SCORE_OUTPUT], {ref_input: x})[0], dtype=np.float64).ravel()
+        if got.shape != want.shape or not np.all(np.isfinite(got)):
+            raise PromoteError(f"{path}: champion pred_score {got} is not comparable with reference {want}")
+        diff = float(np.max(np.abs(got - want)))
+        worst = max(worst, diff)
+        if diff > atol:
+            raise PromoteError(
+                f"{path}: registry champion pred_score {got.tolist()} differs from {reference} "
+                f"{want.tolist()} by {diff:.3g} > tolerance {atol:g}; the registry and build/eval disagree"
+            )
+    log.info("champion agrees with %s (max |pred_score diff| %.3g)", reference, worst)
+    return inp.name
+
+
+def build_metadata(
+    *, model_path: Path, input_name: str, size: tuple[int, int], summary: EvalSummary, name: str, version: Any
+) -> dict[str, Any]:
+    """metadata.json exactly per contract §5 (schema_version 1)."""
+    metrics = {
+        k: float(v)
+        for k, v in sorted(summary.metrics.items())
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    created_ms = getattr(version, "creation_timestamp", None)
+    exported_at = (
+        datetime.fromtimestamp(created_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if isinstance(created_ms, int | float)
+        else datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_file": MODEL_FILE,
+        "model_sha256": sha256_file(model_path),
+        "model_name": summary.model,
+        "registered_model": name,
+        "registry_version": str(version.version),
+        "run_id": summary.run_id,
+        "input": {
+            "name": input_name,
+            "height": size[0],
+            "width": size[1],
+            "channels": 3,
+            "color": "RGB",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "resize": "bilinear",
+        },
+        "normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "applied": "inside_model"},
+        "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
+        "threshold": _finite_number(summary, "threshold"),
+        "raw_threshold": _finite_number(summary, "raw_threshold"),
+        "metrics": metrics,
+        "git_commit": str(summary.get("git_commit", "")),
+        "data_version": str(summary.get("data_version", "")),
+        "exported_at": exported_at,
+    }
+
+
+def validate_model_dir(model_dir: Path) -> None:
+    """Run the serving side's own metadata validation (the Lambda's cold-start check), if available."""
+    try:
+        from serving.model_meta import load_metadata
+    except ImportError:  # pragma: no cover - serving/ is part of this repo
+        log.warning("serving.model_meta not importable; skipping metadata validation")
+        return
+    try:
+        load_metadata(model_dir, verify_sha256=True)
+    except ValueError as exc:
+        raise PromoteError(f"promoted model fails serving validation: {exc}") from exc
+
+
+def swap_into_place(staged: Path, out: Path) -> None:
+    """Replace ``out`` by ``staged`` with renames on the same filesystem; roll back on failure."""
+    backup = out.with_name(f".{out.name}.previous")
+    if backup.exists():
+        shutil.rmtree(backup)
+    had_old = out.exists()
+    if had_old:
+        out.rename(backup)
+    try:
+        staged.rename(out)
+    except BaseException:
+        if had_old:
+            backup.rename(out)
+        raise
+    if had_old:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def promote(
+    params: Mapping[str, Any],
+    *,
+    out: Path,
+    eval_dir: Path,
+    dataset: Path,
+    n_images: int = DEFAULT_N_IMAGES,
+    atol: float = DEFAULT_ATOL,
+    client: MlflowClient | None = None,
+    champion_file: Path | None = None,
+) -> dict[str, Any]:
+    """The whole stage; returns the metadata written to ``out/metadata.json``."""
+    name, alias = registry_params(params)
+    models = params.get("models")
+    if not isinstance(models, Mapping) or not models:
+        raise PromoteError("params.yaml: models must be a non-empty mapping")
+    if client is None:
+        from registry.mlflow_client import get_client
+
+        client = get_client()
+    version, summary = resolve_champion(client, name, alias, eval_dir, list(models))
+    check_champion_file(champion_file, version)
+    size = _image_size(summary)
+    log.info(
+        "promoting %s@%s = version %s (%s, run %s)",
+        name,
+        alias,
+        version.version,
+        summary.model,
+        version.run_id,
+    )
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="promote-download-") as tmp:
+            model_file = download_onnx(client, name, alias, Path(tmp))
+            reference = eval_dir / summary.model / "onnx" / MODEL_FILE
+            input_name = verify(model_file, reference, size, dataset, n_images, atol)
+            shutil.copyfile(model_file, staged / MODEL_FILE)
+        metadata = build_metadata(
+            model_path=staged / MODEL_FILE,
+            input_name=input_name,
+            size=size,
+            summary=summary,
+            name=name,
+            version=version,
+        )
+        (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        validate_model_dir(staged)
+        swap_into_place(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log.info("wrote %s (sha256 %s)", out, metadata["model_sha256"])
+    return metadata
+
+
+def check_champion_file(path: Path | None, version: Any) -> None:
+    """Warn when ``build/registry/champion.json`` (the DVC dep) names another version than the alias.
+
+    Not an error: an operator may have moved the alias by hand (a rollback); the alias wins because
+    it is what the registry says is in production. The warning makes the divergence visible.
+    """
+    if path is None or not path.is_file():
+        return
+    with contextlib.suppress(RegistryError):
+        record = _read_json(path)
+        if isinstance(record, dict) and str(record.get("version")) != str(version.version):
+            log.warning(
+                "%s says version %s but the alias points at version %s; promoting the alias",
+                path,
+                record.get("version"),
+                version.version,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from experiments.config import ParamsError, load_params
+    from registry.rule import SelectionError
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: $REGISTRY_PROMOTE_OUT or serving.model_dir"
+    )
+    parser.add_argument("--eval-dir", type=Path, default=Path("build/eval"))
+    parser.add_argument("--dataset", type=Path, default=Path("build/dataset"))
+    parser.add_argument("--champion", type=Path, default=Path("build/registry/champion.json"))
+    parser.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES)
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        out = args.out or os.environ.get(OUT_ENV) or (params.get("serving") or {}).get("model_dir")
+        if not out:
+            raise PromoteError("no output directory: pass --out or set params.yaml serving.model_dir")
+        metadata = promote(
+            params,
+            out=Path(out),
+            eval_dir=args.eval_dir,
+            dataset=args.dataset,
+            n_images=args.n_images,
+            atol=args.atol,
+            champion_file=args.champion,
+        )
+    except (ParamsError, SelectionError, RegistryError, PromoteError) as exc:
+        print(f"promote: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(metadata, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

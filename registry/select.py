@@ -1,0 +1,328 @@
+"""DVC stage ``select``: pick the champion from the evaluation summaries and register it in MLflow.
+
+Inputs: ``build/eval/<model>/summary.json`` for every model in ``params.yaml: models`` (contract §3).
+Outputs:
+
+- ``build/registry/selection.json`` — the rule, every candidate's verdict, the champion and the
+  reason. A pure function of the metrics and params (no run ids, versions or timestamps), so it is
+  byte-identical on every machine and diffs only when the decision or its inputs change.
+- the MLflow Model Registry: the champion's logged model registered under ``registry.model_name``,
+  alias ``registry.alias`` moved to it, earlier versions kept, tags/description recording why.
+- ``build/registry/champion.json`` — which registry version is now the champion. Version numbers
+  depend on the local store, which is why they live here and not in selection.json.
+
+Re-running is idempotent: if the champion's logged model (same run id and source) is already a
+version, that version is reused instead of registering a duplicate.
+
+Usage: ``python -m registry.select [--params params.yaml] [--eval-dir build/eval] [--out-dir
+build/registry] [--no-register]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.rule import Candidate, Selection, SelectionError, SelectionRule, select
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger("registry.select")
+
+SELECTION_FILE = "selection.json"
+CHAMPION_FILE = "champion.json"
+#: MLflow caps tag values; the reason is short, but never let a long one fail registration.
+_MAX_TAG = 4900
+
+
+class RegistryError(RuntimeError):
+    """Selection inputs or the registry are not in a state the stage can work with."""
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The parts of ``build/eval/<model>/summary.json`` the registry relies on (contract §3)."""
+
+    model: str
+    run_id: str
+    model_uri: str
+    metrics: dict[str, Any]
+    path: Path
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RegistryError(f"{path}: not found (did the evaluate stage run for this model?)") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{path}: unreadable JSON ({exc})") from exc
+
+
+def load_summary(eval_dir: Path, model: str) -> EvalSummary:
+    """Read and check one summary; metrics missing from it are filled from metrics.json."""
+    path = eval_dir / model / "summary.json"
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: expected a JSON object")
+    for key in ("run_id", "model_uri"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise RegistryError(f"{path}: field {key!r} must be a non-empty string")
+    if data.get("model", model) != model:
+        raise RegistryError(f"{path}: field 'model' is {data['model']!r}, expected {model!r}")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise RegistryError(f"{path}: field 'metrics' must be an object")
+    metrics_file = eval_dir / model / "metrics.json"
+    if metrics_file.is_file():
+        extra = _read_json(metrics_file)
+        if isinstance(extra, dict):
+            metrics = {**extra, **metrics}
+    return EvalSummary(
+        model=model, run_id=data["run_id"], model_uri=data["model_uri"], metrics=metrics, path=path, raw=data
+    )
+
+
+def load_summaries(eval_dir: Path, models: Sequence[str]) -> dict[str, EvalSummary]:
+    """Summaries for exactly the models named in params (stale folders of removed models are ignored)."""
+    if not models:
+        raise RegistryError("params.yaml: models is empty; nothing to select from")
+    return {name: load_summary(eval_dir, name) for name in sorted(models)}
+
+
+def registry_params(params: Mapping[str, Any]) -> tuple[str, str]:
+    """``(registry.model_name, registry.alias)``, validated so filter strings cannot be broken."""
+    reg = params.get("registry")
+    if not isinstance(reg, Mapping):
+        raise SelectionError("params.yaml: registry must be a mapping with model_name and alias")
+    name, alias = reg.get("model_name"), reg.get("alias", "champion")
+    for key, value in (("model_name", name), ("alias", alias)):
+        if not isinstance(value, str) or not value.strip() or any(c in value for c in "'\"\\"):
+            raise SelectionError(f"params.yaml: registry.{key} must be a non-empty string without quotes")
+    return name, alias
+
+
+def choose(params: Mapping[str, Any], eval_dir: Path) -> tuple[Selection, dict[str, EvalSummary]]:
+    """Apply the selection rule to the evaluated models named in params."""
+    rule = SelectionRule.from_params(params.get("selection") or {})
+    models = params.get("models")
+    if not isinstance(models, Mapping):
+        raise SelectionError("params.yaml: models must be a mapping of model name -> settings")
+    summaries = load_summaries(eval_dir, list(models))
+    selection = select([Candidate(n, s.metrics) for n, s in summaries.items()], rule)
+    return selection, summaries
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON; record them as strings so the verdict explains itself."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Deterministic JSON (sorted keys, fixed indent, trailing newline), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def selection_document(selection: Selection) -> dict[str, Any]:
+    """selection.json content: only the rule's inputs and outputs, nothing machine-specific."""
+    return {"schema_version": 1, **selection.to_dict()}
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow Model Registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _error_code(exc: BaseException) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version holding ``alias``, or None if the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def find_version(client: MlflowClient, name: str, run_id: str, model_uri: str) -> ModelVersion | None:
+    """An existing version of ``name`` built from this run's logged model (oldest if several)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as exc:
+        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    matches = [v for v in versions if v.run_id == run_id and v.source == model_uri]
+    return min(matches, key=lambda v: int(v.version)) if matches else None
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(
+            name,
+            description=(
+                "Anomaly-detection models for visual inspection (ONNX, anomalib export). "
+                "Versions are registered by the DVC `select` stage; the alias marks the served champion."
+            ),
+        )
+
+
+def register_champion(
+    client: MlflowClient,
+    selection: Selection,
+    summary: EvalSummary,
+    *,
+    model_name: str,
+    alias: str,
+) -> dict[str, Any]:
+    """Register (or reuse) the champion's version, tag it, move the alias; return champion.json data."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _ensure_registered_model(client, model_name)
+    previous = alias_version(client, model_name, alias)
+    existing = find_version(client, model_name, summary.run_id, summary.model_uri)
+    if existing is not None:
+        version = str(existing.version)
+        log.info("reusing %s version %s (run %s already registered)", model_name, version, summary.run_id)
+    else:
+        try:
+            mv = mlflow.register_model(summary.model_uri, model_name)
+        except MlflowException as exc:
+            raise RegistryError(
+                f"cannot register {summary.model_uri} (run {summary.run_id}, {summary.path}) as "
+                f"{model_name!r}: {exc}"
+            ) from exc
+        version = str(mv.version)
+        log.info("registered %s as %s version %s", summary.model_uri, model_name, version)
+
+    metric = selection.rule.metric
+    metric_value = selection.verdict(selection.champion).metric
+    tags = {
+        "model": summary.model,
+        "selection_metric": metric,
+        "selection_metric_value": repr(metric_value),
+        "selection_reason": selection.reason[:_MAX_TAG],
+        "run_id": summary.run_id,
+        "git_commit": str(summary.get("git_commit", "")),
+        "data_version": str(summary.get("data_version", "")),
+        "selected_by": "registry.select",
+    }
+    moved = previous is None or str(previous.version) != version
+    if moved:
+        tags["previous_champion"] = "none" if previous is None else str(previous.version)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    client.update_model_version(
+        model_name,
+        version,
+        description=(
+            f"{summary.model} selected as {alias} by the params.yaml selection rule: {selection.reason}. "
+            f"MLflow run {summary.run_id}, git commit {summary.get('git_commit', 'unknown')}, "
+            f"data version {summary.get('data_version', 'unknown')}."
+        )[:_MAX_TAG],
+    )
+    client.set_registered_model_alias(model_name, alias, version)
+    if previous is not None and moved:
+        log.info("alias %s moved from version %s to %s", alias, previous.version, version)
+
+    return {
+        "name": model_name,
+        "alias": alias,
+        "version": version,
+        "model": summary.model,
+        "run_id": summary.run_id,
+        "model_uri": summary.model_uri,
+        "reason": selection.reason,
+        "metric": metric,
+        "metric_value": metric_value,
+        "previous_version": None if previous is None else str(previous.version),
+        "reused_existing_version": existing is not None,
+    }
+
+
+def run(
+    params: Mapping[str, Any],
+    *,
+    eval_dir: Path,
+    out_dir: Path,
+    register: bool = True,
+    client: MlflowClient | None = None,
+) -> dict[str, Any]:
+    """The whole stage; returns the champion record (or the selection document if not registering)."""
+    selection, summaries = choose(params, eval_dir)
+    write_json(out_dir / SELECTION_FILE, selection_document(selection))
+    log.info("champion: %s", selection.reason)
+    if not register:
+        return selection_document(selection)
+    model_name, alias = registry_params(params)
+    if client is None:
+        from registry.mlflow_client import get_client
+
+        client = get_client()
+    record = register_champion(
+        client, selection, summaries[selection.champion], model_name=model_name, alias=alias
+    )
+    write_json(out_dir / CHAMPION_FILE, record)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from experiments.config import ParamsError, load_params
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--eval-dir", type=Path, default=Path("build/eval"))
+    parser.add_argument("--out-dir", type=Path, default=Path("build/registry"))
+    parser.add_argument(
+        "--no-register", action="store_true", help="only apply the rule and write selection.json"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        record = run(params, eval_dir=args.eval_dir, out_dir=args.out_dir, register=not args.no_register)
+    except (ParamsError, SelectionError, RegistryError) as exc:
+        print(f"select: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(_json_safe(record), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
