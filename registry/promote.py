@@ -360,6 +360,10 @@ def promote(
             version=version,
         )
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        # mkdtemp makes the folder 0700; the Lambda image runs as a non-root user and must read it.
+        staged.chmod(0o755)
+        for item in staged.iterdir():
+            item.chmod(0o644)
         validate_model_dir(staged)
         swap_into_place(staged, out)
     except BaseException:

@@ -185,6 +185,15 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _fmt_metric(value: float | None) -> str:
+    """Metric values with at least three decimals (``0.910``, ``0.9123``), as people quote AUROC."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}".rstrip("0")
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return text + "0" * max(0, 3 - decimals)
+
+
 def _cost_phrase(key: str, winner: Verdict, other: Verdict) -> str:
     """E.g. ``faster 12 ms vs 85 ms`` or ``smaller 3.1 MB vs 40 MB``."""
     a, b = getattr(winner, key), getattr(other, key)
@@ -294,7 +303,7 @@ def _reason(
     """One human-readable sentence, e.g.
     ``padim: image_AUROC 0.912 (highest; patchcore 0.91 within tie tolerance 0.005, padim faster 12 ms
     vs 85 ms)``."""
-    head = f"{champ.name}: {rule.metric} {_fmt(champ.metric)}"
+    head = f"{champ.name}: {rule.metric} {_fmt_metric(champ.metric)}"
     parts: list[str] = []
     others_tied = [v for v in tied if v is not champ]
     if champ.metric == best:
@@ -302,18 +311,18 @@ def _reason(
     else:
         top = max(tied, key=lambda v: (v.metric or 0.0, v.name))
         parts.append(
-            f"within tie tolerance {_fmt(rule.tie_tolerance)} of {top.name} {_fmt(top.metric)}; "
+            f"within tie tolerance {_fmt(rule.tie_tolerance)} of {top.name} {_fmt_metric(top.metric)}; "
             f"{_tie_explanation(champ, top, rule)}"
         )
         others_tied = [v for v in others_tied if v is not top]
     for v in others_tied:
         parts.append(
-            f"{v.name} {_fmt(v.metric)} within tie tolerance {_fmt(rule.tie_tolerance)}, "
+            f"{v.name} {_fmt_metric(v.metric)} within tie tolerance {_fmt(rule.tie_tolerance)}, "
             f"{_tie_explanation(champ, v, rule)}"
         )
     if rest and not others_tied and champ.metric == best:
         runner = rest[0]
-        parts.append(f"next {runner.name} {_fmt(runner.metric)}")
+        parts.append(f"next {runner.name} {_fmt_metric(runner.metric)}")
     ineligible = [f"{v.name} ({v.why})" for v in judged if not v.eligible]
     if ineligible:
         parts.append(f"ineligible: {', '.join(ineligible)}")

@@ -40,7 +40,7 @@ def cand(
 def test_highest_metric_wins_outside_tolerance() -> None:
     sel = select([cand("padim", 0.90, latency=5), cand("patchcore", 0.95, latency=80)], RULE)
     assert sel.champion == "patchcore"
-    assert sel.reason.startswith("patchcore: image_AUROC 0.95 (highest; next padim 0.9")
+    assert sel.reason == "patchcore: image_AUROC 0.950 (highest; next padim 0.900)"
     assert sel.verdict("patchcore").rank == 1 and sel.verdict("padim").rank == 2
 
 
@@ -48,7 +48,7 @@ def test_tie_broken_by_lower_latency_and_reason_explains() -> None:
     sel = select([cand("patchcore", 0.910, latency=85), cand("padim", 0.912, latency=12)], RULE)
     assert sel.champion == "padim"
     assert sel.reason == (
-        "padim: image_AUROC 0.912 (highest; patchcore 0.91 within tie tolerance 0.005, "
+        "padim: image_AUROC 0.912 (highest; patchcore 0.910 within tie tolerance 0.005, "
         "padim faster 12 ms vs 85 ms)"
     )
     assert sel.verdict("patchcore").tied_with_best
@@ -116,7 +116,7 @@ def test_no_eligible_candidate_names_every_failure() -> None:
 
 def test_single_candidate_reason() -> None:
     sel = select([cand("padim", 0.8)], RULE)
-    assert sel.reason == "padim: image_AUROC 0.8 (only eligible candidate)"
+    assert sel.reason == "padim: image_AUROC 0.800 (only eligible candidate)"
 
 
 def test_deterministic_regardless_of_input_order() -> None:

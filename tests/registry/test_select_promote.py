@@ -314,6 +314,10 @@ def test_promote_writes_valid_serving_model(ws3: Workspace) -> None:
     }  # fmt: skip
     assert set(meta) == contract_keys
 
+    # Readable by the non-root Lambda user (mkdtemp would have left the folder 0700).
+    assert ws3.serving.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in ws3.serving.iterdir())
+
     image = next((ws3.dataset / "test" / "defect").iterdir())
     result = Scorer.from_dir(ws3.serving).score(image.read_bytes())
     assert 0.0 <= result.score <= 1.0
