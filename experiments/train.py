@@ -1,0 +1,109 @@
+"""DVC stage ``train@<model>``: fit one anomalib model on ``build/dataset`` and save its checkpoint.
+
+Usage: ``python -m experiments.train <model> [--params params.yaml] [--dataset build/dataset]
+[--out build/models]``.
+
+Outputs (``build/models/<model>/``):
+
+* ``model.ckpt`` - the Lightning checkpoint (weights/memory bank plus the post-processor's
+  threshold and min/max learned on the validation split, which the ONNX export bakes in);
+* ``train.json`` - wall-clock fit time and peak resident memory, for the benchmarks.
+
+Only the knobs of ``params.yaml`` matter (seeded, deterministic kernels, ``num_workers`` from
+params), so the same data and params give the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.config import load_params
+from experiments.datamodule import build_datamodule, mask_dirs
+from experiments.models import build_model, model_params
+from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_NAME = "model.ckpt"
+
+
+def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callbacks: list | None = None) -> Any:
+    """An anomalib ``Engine`` on CPU with the progress bar on and no logger.
+
+    ``scratch`` receives anomalib's versioned working folders; it is wiped first so reruns do not
+    pile up ``v0, v1, ...`` directories.
+    """
+    from anomalib.engine import Engine
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    return Engine(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=model_params(model_name, params)["max_epochs"],
+        default_root_dir=scratch,
+        logger=False,
+        enable_progress_bar=True,
+        deterministic="warn",
+        callbacks=callbacks or [],
+    )
+
+
+def train(model_name: str, params: dict[str, Any], dataset: Path, out_dir: Path) -> dict[str, Any]:
+    """Fit ``model_name`` and write ``model.ckpt`` + ``train.json`` into ``out_dir``; return the record."""
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+
+    seed_everything(int(params["seed"]))
+    quiet_third_party_warnings()
+    model = build_model(model_name, params, with_masks=bool(mask_dirs(dataset)))
+    datamodule = build_datamodule(params, dataset)
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir,
+        filename=Path(CHECKPOINT_NAME).stem,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    engine = make_engine(params, model_name, REPO_ROOT / "build" / "engine" / model_name, [checkpoint])
+
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+
+    ckpt = out_dir / CHECKPOINT_NAME
+    if not ckpt.is_file():  # e.g. a model/trainer combination that skipped the callback
+        engine.trainer.save_checkpoint(ckpt)
+    record = {
+        "model": model_name,
+        "train_time_s": round(seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "n_train_images": len(datamodule.train_data),
+        "n_val_images": len(datamodule.val_data),
+        "epochs": int(engine.trainer.current_epoch),
+        "image_threshold_raw": float(model.post_processor.image_threshold),
+        "checkpoint": str(ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt),
+    }
+    (out_dir / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a key of params.yaml: models")
+    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
+    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / "build" / "dataset")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "models")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    model_params(args.model, params)  # fail on bad params before importing torch
+    record = train(args.model, params, args.dataset, args.out / args.model)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
