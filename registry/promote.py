@@ -105,10 +105,18 @@ def resolve_champion(
             f"registered model {name!r} has no alias {alias!r} (or does not exist) in "
             f"{client.tracking_uri}; run the `select` stage first (dvc repro select)"
         )
-    summaries = [load_summary(eval_dir, m) for m in sorted(models)]
+    # A broken summary of some other model must not block promoting the champion; report it only
+    # if the champion's own summary cannot be found.
+    summaries: list[EvalSummary] = []
+    problems: list[str] = []
+    for model in sorted(models):
+        try:
+            summaries.append(load_summary(eval_dir, model))
+        except RegistryError as exc:
+            problems.append(str(exc))
     matching = [s for s in summaries if s.run_id == version.run_id]
     if not matching:
-        known = ", ".join(f"{s.model}={s.run_id}" for s in summaries)
+        known = ", ".join([*(f"{s.model}={s.run_id}" for s in summaries), *problems])
         raise PromoteError(
             f"{name}@{alias} is version {version.version} from run {version.run_id}, which matches no "
             f"evaluation summary in {eval_dir} ({known}); re-run `select` so the alias and build/eval agree"

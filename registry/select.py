@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.rule import Candidate, Selection, SelectionError, SelectionRule, select
+from registry.rule import (
+    Candidate,
+    NoEligibleCandidateError,
+    Selection,
+    SelectionError,
+    SelectionRule,
+    select,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -284,13 +291,31 @@ def run(
     register: bool = True,
     client: MlflowClient | None = None,
 ) -> dict[str, Any]:
-    """The whole stage; returns the champion record (or the selection document if not registering)."""
-    selection, summaries = choose(params, eval_dir)
+    """The whole stage; returns the champion record (or the selection document if not registering).
+
+    When no candidate is eligible, selection.json still records every verdict (champion ``null``)
+    so the failed stage leaves the explanation behind, and the error propagates.
+    """
+    model_name, alias = registry_params(params)  # validate before any side effect
+    try:
+        selection, summaries = choose(params, eval_dir)
+    except NoEligibleCandidateError as exc:
+        write_json(
+            out_dir / SELECTION_FILE,
+            {
+                "schema_version": 1,
+                "rule": SelectionRule.from_params(params.get("selection") or {}).to_dict(),
+                "champion": None,
+                "reason": str(exc),
+                "candidates": [v.to_dict() for v in exc.verdicts],
+            },
+        )
+        (out_dir / CHAMPION_FILE).unlink(missing_ok=True)
+        raise
     write_json(out_dir / SELECTION_FILE, selection_document(selection))
     log.info("champion: %s", selection.reason)
     if not register:
         return selection_document(selection)
-    model_name, alias = registry_params(params)
     if client is None:
         from registry.mlflow_client import get_client
 

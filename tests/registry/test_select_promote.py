@@ -283,6 +283,10 @@ def test_no_eligible_candidate_registers_nothing(ws3: Workspace) -> None:
         ws3.select(params)
     assert ws3.versions() == []
     assert not (ws3.out_dir / "champion.json").exists()
+    # The explanation is left behind for whoever reads the failed stage.
+    selection = json.loads((ws3.out_dir / "selection.json").read_text())
+    assert selection["champion"] is None and "no eligible candidate" in selection["reason"]
+    assert all(not c["eligible"] and "latency_ms" in c["why"] for c in selection["candidates"])
 
 
 def test_missing_summary_is_a_clear_error(ws: Workspace) -> None:
