@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ def load_summary(eval_dir: Path, model: str) -> EvalSummary:
     for key in ("run_id", "model_uri"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise RegistryError(f"{path}: field {key!r} must be a non-empty string")
+    if not re.fullmatch(r"[0-9A-Za-z_-]+", data["run_id"]):
+        raise RegistryError(f"{path}: run_id {data['run_id']!r} is not an MLflow run id")
     if data.get("model", model) != model:
         raise RegistryError(f"{path}: field 'model' is {data['model']!r}, expected {model!r}")
     metrics = data.get("metrics", {})
@@ -183,7 +186,8 @@ def find_version(client: MlflowClient, name: str, run_id: str, model_uri: str) -
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name='{name}'")
+        # run ids are hex; quotes in the name are rejected by registry_params.
+        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     except MlflowException as exc:
         if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
             return None
