@@ -219,6 +219,7 @@ def evaluate(
     models_dir: Path,
     out_dir: Path,
     use_mlflow: bool = True,
+    work_dir: Path = REPO_ROOT / "build" / "engine",
 ) -> dict[str, Any]:
     """Run the whole evaluation for one model; return ``summary.json``'s content."""
     settings = evaluate_params(params)
@@ -237,7 +238,7 @@ def evaluate(
     with_masks = bool(mask_dirs(dataset))
     model = build_model(model_name, params, with_masks=with_masks)
     datamodule = build_datamodule(params, dataset)
-    engine = make_engine(params, model_name, REPO_ROOT / "build" / "engine" / f"{model_name}-test")
+    engine = make_engine(params, model_name, work_dir / f"{model_name}-test")
     start = time.perf_counter()
     results = engine.test(model=model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     test_time = time.perf_counter() - start

@@ -40,10 +40,14 @@ def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callback
     from anomalib.engine import Engine
 
     shutil.rmtree(scratch, ignore_errors=True)
+    epochs = model_params(model_name, params)["max_epochs"]
     return Engine(
         accelerator="cpu",
         devices=1,
-        max_epochs=model_params(model_name, params)["max_epochs"],
+        max_epochs=epochs,
+        # Validation only learns the threshold and min/max normalisation (no early stopping), so
+        # for multi-epoch models (STFPM) run it once, after the last epoch, not every epoch.
+        check_val_every_n_epoch=epochs,
         default_root_dir=scratch,
         logger=False,
         enable_progress_bar=True,
@@ -52,8 +56,17 @@ def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callback
     )
 
 
-def train(model_name: str, params: dict[str, Any], dataset: Path, out_dir: Path) -> dict[str, Any]:
-    """Fit ``model_name`` and write ``model.ckpt`` + ``train.json`` into ``out_dir``; return the record."""
+def train(
+    model_name: str,
+    params: dict[str, Any],
+    dataset: Path,
+    out_dir: Path,
+    work_dir: Path = REPO_ROOT / "build" / "engine",
+) -> dict[str, Any]:
+    """Fit ``model_name`` and write ``model.ckpt`` + ``train.json`` into ``out_dir``; return the record.
+
+    ``work_dir`` takes anomalib's scratch folders (not a DVC output).
+    """
     from anomalib.callbacks.checkpoint import ModelCheckpoint
 
     seed_everything(int(params["seed"]))
@@ -69,7 +82,7 @@ def train(model_name: str, params: dict[str, Any], dataset: Path, out_dir: Path)
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    engine = make_engine(params, model_name, REPO_ROOT / "build" / "engine" / model_name, [checkpoint])
+    engine = make_engine(params, model_name, work_dir / model_name, [checkpoint])
 
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
