@@ -1,4 +1,4 @@
-"""DVC stage ``promote``: fetch the registry champion and write ``serving/model/`` (contract §5).
+"""DVC stage ``promote``: fetch ``models:/<name>@<alias>`` and write ``serving/model/`` (contract §5).
 
 Why the model comes from the registry and not from ``build/eval``: what is served must be exactly
 what the registry alias says is the champion (that is what humans audit and roll back). The local
@@ -124,8 +124,12 @@ def resolve_champion(
     return version, matching[0]
 
 
-def download_onnx(client: MlflowClient, name: str, alias: str, dst: Path) -> Path:
-    """Download ``models:/name@alias`` and return it as one self-contained ``model.onnx``.
+def download_onnx(client: MlflowClient, name: str, alias: str, version: str, dst: Path) -> Path:
+    """Download the champion and return it as one self-contained ``model.onnx``.
+
+    The alias was resolved to ``version`` once, up front, and that exact version is downloaded
+    (``models:/name/version``): if someone moved the alias meanwhile, the bytes still match the
+    ``registry_version`` and run id written to metadata.json.
 
     MLflow's ONNX flavour may store weights as external data next to the graph; serving and the
     metadata hash need a single file, so the graph is re-serialised with the weights inlined.
@@ -136,7 +140,7 @@ def download_onnx(client: MlflowClient, name: str, alias: str, dst: Path) -> Pat
 
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}@{alias}",
+            artifact_uri=f"models:/{name}/{version}",
             dst_path=str(dst),
             tracking_uri=client.tracking_uri,
             registry_uri=getattr(client, "_registry_uri", None) or client.tracking_uri,
@@ -147,11 +151,15 @@ def download_onnx(client: MlflowClient, name: str, alias: str, dst: Path) -> Pat
     if mlmodel.is_file():
         flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
         if "onnx" not in flavors:
-            raise PromoteError(f"models:/{name}@{alias} has no ONNX flavour (flavours: {sorted(flavors)})")
+            raise PromoteError(
+                f"{name}@{alias} (version {version}) has no ONNX flavour (flavours: {sorted(flavors)})"
+            )
         onnx_name = flavors["onnx"].get("data", MODEL_FILE)
     src = local / onnx_name
     if not src.is_file():
-        raise PromoteError(f"models:/{name}@{alias}: {onnx_name} not found in the downloaded model")
+        raise PromoteError(
+            f"{name}@{alias} (version {version}): {onnx_name} not found in the downloaded model"
+        )
     model = onnx.load(str(src), load_external_data=True)
     out = dst / f"single-{MODEL_FILE}"
     onnx.save_model(model, str(out), save_as_external_data=False)
@@ -355,7 +363,7 @@ def promote(
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="promote-download-") as tmp:
-            model_file = download_onnx(client, name, alias, Path(tmp))
+            model_file = download_onnx(client, name, alias, str(version.version), Path(tmp))
             reference = eval_dir / summary.model / "onnx" / MODEL_FILE
             input_name = verify(model_file, reference, size, dataset, n_images, atol)
             shutil.copyfile(model_file, staged / MODEL_FILE)
