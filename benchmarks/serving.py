@@ -181,10 +181,23 @@ def http_throughput(
     for p in images[:20]:
         with open(p, "rb") as fh:
             bodies.append(fh.read())
-    env = {**os.environ, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO)}
+    # moto runs here, in its own process apart from the server (like the real services).
+    from moto.server import ThreadedMotoServer
+
+    from serving.storage import create_resources
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    endpoint = "http://{}:{}".format(*moto.get_host_and_port())
+    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    aws |= {"AWS_DEFAULT_REGION": "us-east-1", "RESULTS_TABLE": "bench", "RESULTS_BUCKET": "bench"}
+    os.environ.update(aws)
+    create_resources("bench", "bench")
+    env = {**os.environ, **aws, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO)}
+    log = os.environ.get("BENCH_SERVER_LOG", os.devnull)
     server = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", "--port", "0", "--local-aws", "--quiet"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, "-m", "serving.local_server", "--port", "0", "--quiet"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115
     )  # fmt: skip
     assert server.stdout is not None
     url = server.stdout.readline().split()[-1] + "/cameras/bench/images"
@@ -195,6 +208,7 @@ def http_throughput(
     finally:
         server.terminate()
         server.wait(timeout=30)
+        moto.stop()
     return results
 
 
