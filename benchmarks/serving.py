@@ -1,6 +1,7 @@
 """Serving benchmark: ONNX Runtime serving path vs anomalib's PyTorch inferencer, side by side.
 
-``python benchmarks/serving.py [--model-dir DIR] [--ckpt CKPT] [--images N] [--duration S]``
+``python benchmarks/serving.py [--model-dir DIR] [--ckpt CKPT] [--images N] [--duration S]
+[--max-requests N] [--request-timeout S] [--clients 1,10,50]``
 
 Why: the Lambda image ships ONNX Runtime instead of torch for cold start, latency and size.
 This prints the evidence in one run, on the same model and the same images:
@@ -8,8 +9,9 @@ This prints the evidence in one run, on the same model and the same images:
 * cold start — a fresh process: import + model load + first score (serving side in the
   clean serving venv from ``tests/serving/clean_venv.py`` when it exists, like the image);
 * warm latency p50/p95 over >= 100 images in that same process;
-* HTTP throughput of the local server (the real handler, moto storage) with 1, 10 and 50
-  concurrent clients on loopback, each level bounded in time and request count;
+* HTTP throughput of the local server (the real handler, moto storage in its own process)
+  with 1, 10 and 50 concurrent clients on 127.0.0.1, each level bounded in time and request
+  count, with errors and timeouts counted rather than waited on;
 * installed size: the serving requirements vs the torch venv.
 
 Model: ``serving/model`` (the promoted one) with ``--ckpt`` for the torch side; without a
@@ -30,6 +32,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -133,17 +136,29 @@ def run_child(python: Path, side: str, model: Path, images: list[str], pythonpat
 
 
 def load_level(
-    url: str, bodies: list[bytes], clients: int, duration: float, max_requests: int
-) -> tuple[int, int, float, list[float]]:
-    """``clients`` threads post images until ``duration`` or ``max_requests``; (ok, errors, s, ms)."""
+    url: str,
+    bodies: list[bytes],
+    clients: int,
+    duration: float,
+    max_requests: int,
+    request_timeout: float = 30.0,
+) -> tuple[int, int, int, float, list[float]]:
+    """``clients`` threads post images for ``duration`` s or ``max_requests``; (ok, errors, timeouts, s, ms).
+
+    Bounded: no request starts after the deadline, and each one's socket timeout is at most
+    ``request_timeout``, so a level takes at most ``duration + request_timeout`` (plus connect).
+    Failures are counted, never raised: non-200 / connection errors in ``errors``, requests that
+    hit the timeout in ``timeouts``.
+    """
+    if urlsplit(url).hostname != "127.0.0.1":
+        raise ValueError(f"benchmark traffic stays on loopback, not {url}")
     latencies: list[float] = []
-    errors = 0
-    issued = 0
+    errors = timeouts = issued = 0
     lock = threading.Lock()
     deadline = time.perf_counter() + duration
 
     def worker(_: int) -> None:
-        nonlocal errors, issued
+        nonlocal errors, timeouts, issued
         while time.perf_counter() < deadline:
             with lock:
                 if issued >= max_requests:
@@ -155,61 +170,96 @@ def load_level(
                 headers={"Content-Type": "image/png", "X-Request-Id": f"bench-{clients}-{i}"},
             )  # fmt: skip
             t = time.perf_counter()
+            outcome = "error"
             try:
-                with urllib.request.urlopen(req, timeout=120) as resp:
+                with urllib.request.urlopen(req, timeout=request_timeout) as resp:
                     resp.read()
-                    ok = resp.status == 200
-            except (urllib.error.URLError, OSError):
-                ok = False
+                    outcome = "ok" if resp.status == 200 else "error"
+            except TimeoutError:
+                outcome = "timeout"
+            except urllib.error.URLError as exc:
+                outcome = "timeout" if isinstance(exc.reason, TimeoutError) else "error"
+            except OSError:
+                outcome = "error"
             with lock:
-                if ok:
+                if outcome == "ok":
                     latencies.append((time.perf_counter() - t) * 1000)
+                elif outcome == "timeout":
+                    timeouts += 1
                 else:
                     errors += 1
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         list(pool.map(worker, range(clients)))
-    return len(latencies), errors, time.perf_counter() - t0, latencies
+    return len(latencies), errors, timeouts, time.perf_counter() - t0, latencies
+
+
+# moto in its own process (like the real services, and apart from the benchmark's client
+# threads): prints its endpoint, serves until its stdin closes. Its access log goes to stderr.
+MOTO_CHILD = r"""
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("http://{}:{}".format(*server.get_host_and_port()), flush=True)
+sys.stdin.read()
+server.stop()
+"""
 
 
 def http_throughput(
-    model_dir: Path, images: list[str], clients: list[int], duration: float, max_requests: int
+    model_dir: Path,
+    images: list[str],
+    clients: list[int],
+    duration: float,
+    max_requests: int,
+    request_timeout: float,
 ):
-    """Start the local server (moto storage) and measure each concurrency level."""
+    """Start moto and the local server (both on 127.0.0.1) and measure each concurrency level."""
+    from serving.local_server import spawn
+    from serving.storage import create_resources
+
     bodies = []
     for p in images[:20]:
         with open(p, "rb") as fh:
             bodies.append(fh.read())
-    # moto runs here, in its own process apart from the server (like the real services).
-    from moto.server import ThreadedMotoServer
-
-    from serving.storage import create_resources
-
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    endpoint = "http://{}:{}".format(*moto.get_host_and_port())
-    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-    aws |= {"AWS_DEFAULT_REGION": "us-east-1", "RESULTS_TABLE": "bench", "RESULTS_BUCKET": "bench"}
-    os.environ.update(aws)
-    create_resources("bench", "bench")
-    env = {**os.environ, **aws, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO)}
-    log = os.environ.get("BENCH_SERVER_LOG", os.devnull)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", "--port", "0", "--quiet"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115
-    )  # fmt: skip
-    assert server.stdout is not None
-    url = server.stdout.readline().split()[-1] + "/cameras/bench/images"
-    results = []
-    try:
-        for n in clients:
-            results.append((n, *load_level(url, bodies, n, duration, max_requests)))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        moto.stop()
-    return results
+    log_path = os.environ.get("BENCH_SERVER_LOG", os.devnull)
+    with open(log_path, "w") as log:
+        moto = subprocess.Popen(
+            [sys.executable, "-c", MOTO_CHILD], cwd=REPO, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=log, text=True,
+        )  # fmt: skip
+        assert moto.stdout is not None and moto.stdin is not None
+        try:
+            endpoint = moto.stdout.readline().strip()
+            if not endpoint.startswith("http://127.0.0.1:"):
+                raise RuntimeError(f"moto did not start (exit code {moto.poll()}); see {log_path}")
+            aws = {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+            }
+            aws |= {"AWS_DEFAULT_REGION": "us-east-1", "RESULTS_TABLE": "bench", "RESULTS_BUCKET": "bench"}
+            os.environ.update(aws)
+            for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_DYNAMODB"):
+                os.environ.pop(key, None)
+            create_resources("bench", "bench")
+            env = {**os.environ, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO)}
+            # spawn() keeps reading the server's stdout (one handler log line per request): an
+            # unread pipe fills after ~100 requests and then blocks every request thread.
+            with spawn(env=env, cwd=REPO, log=log) as server:
+                url = server.url + "/cameras/bench/images"
+                return [
+                    (n, *load_level(url, bodies, n, duration, max_requests, request_timeout)) for n in clients
+                ]
+        finally:
+            moto.stdin.close()
+            try:
+                moto.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                moto.kill()
+                moto.wait(timeout=30)
 
 
 def main() -> int:
@@ -219,7 +269,12 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=120, help="warm-latency images (>= 100)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput level")
     parser.add_argument("--max-requests", type=int, default=500, help="requests per throughput level")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="per-request timeout (s)")
+    parser.add_argument(
+        "--clients", default="1,10,50", help="comma-separated concurrency levels (default 1,10,50)"
+    )
     args = parser.parse_args()
+    levels = [int(n) for n in args.clients.split(",") if n.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     model_dir = args.model_dir
@@ -273,13 +328,20 @@ def main() -> int:
     print(f"{'installed: main venv (MB)':32}{main_mb:>24.0f}   of which torch stack {torch_mb:.0f}")
 
     print("\nHTTP throughput, local server (real handler, moto S3+DynamoDB, loopback):")
-    print(f"{'clients':>8}{'ok':>7}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}")
-    for n, ok, errors, elapsed, lat in http_throughput(
-        model_dir, images, [1, 10, 50], args.duration, args.max_requests
+    bound = (
+        f"<= {args.max_requests} requests or {args.duration:g} s, request timeout {args.request_timeout:g} s"
+    )
+    print(f"(each level: {bound})")
+    print(f"{'clients':>8}{'ok':>7}{'errors':>8}{'timeouts':>10}{'wall s':>8}{'req/s':>9}", end="")
+    print(f"{'p50 ms':>9}{'p95 ms':>9}")
+    for n, ok, errors, timeouts, elapsed, lat in http_throughput(
+        model_dir, images, levels, args.duration, args.max_requests, args.request_timeout
     ):
         p50 = percentile(lat, 50) if lat else float("nan")
         p95 = percentile(lat, 95) if lat else float("nan")
-        print(f"{n:>8}{ok:>7}{errors:>8}{ok / elapsed:>9.1f}{p50:>9.1f}{p95:>9.1f}")
+        print(
+            f"{n:>8}{ok:>7}{errors:>8}{timeouts:>10}{elapsed:>8.1f}{ok / elapsed:>9.1f}{p50:>9.1f}{p95:>9.1f}"
+        )
     return 0
 
 

@@ -14,25 +14,34 @@ The handler is the deployed one (``serving.app.handler``), so local behaviour �
 scoring, persistence — is the Lambda's. Storage goes wherever the standard AWS environment
 variables point; ``--local-aws`` starts an in-process moto server (main venv only) and
 creates the results table and bucket there, so the whole flow runs offline.
+
+To run it from another program use :func:`spawn`: the handler logs one JSON line per request
+to stdout (as on Lambda, where stdout goes to CloudWatch), so a parent that pipes stdout must
+keep reading it — once the pipe buffer (64 KiB on Linux, ~100 requests) is full, the logging
+call blocks while holding the log handler's lock and every request thread stops behind it.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import json
 import os
 import re
 import secrets
+import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 Handler = Callable[[dict[str, Any], Any], Any]
@@ -270,11 +279,19 @@ def make_request_handler(handler: Handler, *, quiet: bool = False) -> type[BaseH
     return ApiGatewayRequestHandler
 
 
+class _LocalApiServer(ThreadingHTTPServer):
+    request_queue_size = 128
+
+
 def make_server(
     handler: Handler, host: str = "127.0.0.1", port: int = 8080, *, quiet: bool = False
 ) -> ThreadingHTTPServer:
-    """A threaded HTTP server (one thread per connection) in front of ``handler``."""
-    server = ThreadingHTTPServer((host, port), make_request_handler(handler, quiet=quiet))
+    """A threaded HTTP server (one thread per connection) in front of ``handler``.
+
+    The listen backlog is 128, not socketserver's 5: with dozens of clients connecting at
+    once, a full accept queue makes the kernel drop or reset connections (client errors).
+    """
+    server = _LocalApiServer((host, port), make_request_handler(handler, quiet=quiet))
     server.daemon_threads = True
     return server
 
@@ -303,6 +320,74 @@ def start_local_aws() -> Any:
     create_resources(os.environ["RESULTS_TABLE"], os.environ["RESULTS_BUCKET"])
     print(f"local AWS (moto) at {os.environ['AWS_ENDPOINT_URL']}", file=sys.stderr, flush=True)
     return server
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m serving.local_server`` child (see :func:`spawn`)."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    tail: collections.deque[str]  # its last stdout lines (handler logs), for error messages
+
+
+@contextmanager
+def spawn(
+    args: tuple[str, ...] = ("--quiet",),
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    log: IO[str] | None = None,
+    startup_timeout: float = 300.0,
+) -> Iterator[ServerProcess]:
+    """Run the server in a subprocess on a free 127.0.0.1 port; yield it once it listens.
+
+    Its stdout is read to the end by a background thread (copied to ``log`` if given, the
+    last lines kept in ``tail``) so the handler's per-request log lines can never fill the
+    pipe and block the server. stderr goes to ``log`` too, or is discarded. The process is
+    terminated (then killed) on exit.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.local_server", "--host", "127.0.0.1", "--port", "0", *args],
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=log if log is not None else subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    stdout = process.stdout
+    tail: collections.deque[str] = collections.deque(maxlen=50)
+    found: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for raw in iter(stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if not found and line.startswith("listening on "):
+                found.append(line.split()[-1])
+                ready.set()
+            tail.append(line.rstrip("\n"))
+            if log is not None:
+                log.write(line)
+                log.flush()
+        ready.set()  # EOF: the process ended (before listening, if ``found`` is empty)
+
+    drainer = threading.Thread(target=drain, name="local-server-stdout", daemon=True)
+    drainer.start()
+    try:
+        if not ready.wait(startup_timeout) or not found:
+            output = "\n".join(tail)
+            raise RuntimeError(f"local server did not start (exit code {process.poll()}):\n{output}")
+        yield ServerProcess(found[0], process, tail)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        drainer.join(timeout=5)
+        stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,15 @@ it), with storage on the local moto endpoint; requests go through urllib.
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import os
-import subprocess
-import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import boto3
@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from serving.events import parse_event
-from serving.local_server import build_event, match_route, to_http_response
+from serving.local_server import build_event, match_route, spawn, to_http_response
 from tests.conftest import AWS_TEST_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,29 +66,22 @@ def server_url(moto_server: str, serving_model_dir: Path) -> Iterator[str]:
         dynamodb_client=boto3.client("dynamodb", **kwargs),
     )
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", "--port", "0", "--quiet"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "listening on http://127.0.0.1:PORT" once the model is loaded
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with spawn(env=env, cwd=REPO) as server:
+        assert server.url.startswith("http://127.0.0.1:"), server.url
+        # One page of pipe buffer instead of 64 KiB: if the server's stdout (one handler log line
+        # per request) stopped being read, requests would hang after a handful, not after ~100.
+        if hasattr(fcntl, "F_SETPIPE_SZ"):
+            assert server.process.stdout is not None
+            fcntl.fcntl(server.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        yield server.url
 
 
 def request(
-    url: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
+    url: str, body: bytes | None, headers: dict[str, str], method: str = "POST", timeout: float = 60
 ) -> tuple[int, dict, dict]:
     req = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), json.loads(err.read())
@@ -173,6 +166,28 @@ def test_concurrent_requests(server_url: str) -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(one, range(8))) == [200] * 8
+
+
+def test_many_concurrent_requests_all_succeed(server_url: str) -> None:
+    """20 requests from 10 threads, each bounded: none may hang (the benchmark's 10/50-client hang)."""
+
+    def one(i: int) -> int:
+        return request(
+            f"{server_url}/cameras/cam-many/images",
+            png_bytes(64 + i),
+            {"Content-Type": "image/png", "X-Request-Id": f"many-{i}"},
+            timeout=30,
+        )[0]
+
+    started = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=10)
+    futures = [pool.submit(one, i) for i in range(20)]
+    _, pending = wait(futures, timeout=90)
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert not pending, f"{len(pending)} of 20 requests still running after 90 s"
+    statuses = [f.result() if f.exception() is None else repr(f.exception()) for f in futures]
+    assert statuses == [200] * 20
+    assert time.monotonic() - started < 90
 
 
 def test_request_without_client_id_uses_api_gateway_request_id(server_url: str) -> None:
