@@ -43,7 +43,7 @@ from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_ev
 from experiments.train import CHECKPOINT_NAME, make_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENT_DIR_KEYS = ("seed", "data", "backbone", "train", "evaluate")
+LOGGED_PARAM_SECTIONS = ("seed", "data", "backbone", "train", "evaluate")
 
 
 class OnnxMismatchError(RuntimeError):
@@ -184,7 +184,7 @@ def log_to_mlflow(
 
     experiment_id = tracking.get_or_create_experiment()
     tags = tracking.run_tags(model_name, params, f"evaluate@{model_name}")
-    logged = {key: params.get(key) for key in EXPERIMENT_DIR_KEYS} | {
+    logged = {key: params.get(key) for key in LOGGED_PARAM_SECTIONS} | {
         "model": model_params(model_name, params)
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=tags) as run:

@@ -15,7 +15,6 @@ Why each step:
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
@@ -108,9 +107,3 @@ def file_size_mb(path: Path) -> float:
     if extra.is_file():
         size += extra.stat().st_size
     return size / (1024 * 1024)
-
-
-def copy_onnx(src: Path, dst_dir: Path) -> Path:
-    """Copy a (self-contained) ONNX file into ``dst_dir``; used by tests and tools."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy2(src, dst_dir / ONNX_FILE))
