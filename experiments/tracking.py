@@ -8,6 +8,8 @@ depend on the working directory (DVC, pytest and people start stages from differ
 * Artifacts: a local folder ``mlartifacts/`` next to the sqlite database (``<repo>/mlartifacts/`` by
   default), fixed when the experiment is created, so the files live with the database and not
   wherever a stage happened to run; a test's temporary database gets its own temporary folder.
+  A tracking server (``http(s)://``, ``databricks`` ...) chooses the artifact location itself
+  (``--artifacts-destination``): a local folder of this machine would be wrong for everyone else.
 * Grouping: each run is tagged with ``pipeline_id``, a hash of everything that determines a
   pipeline result (params.yaml, the data version, the experiments/ code). The runs written by one
   ``dvc repro`` share it, so ``tags.pipeline_id = '...'`` in the MLflow UI shows that repro side
@@ -67,8 +69,17 @@ def artifact_root(uri: str | None = None) -> Path:
     return REPO_ROOT / "mlartifacts"
 
 
+def is_tracking_server(uri: str | None = None) -> bool:
+    """True when the store is a tracking server (``http(s)://``, ``databricks``), which owns artifacts."""
+    scheme = (uri or tracking_uri()).split(":", 1)[0].lower()
+    return scheme in ("http", "https", "databricks")
+
+
 def get_or_create_experiment(name: str = EXPERIMENT_NAME) -> str:
-    """Return the id of experiment ``name``, creating it with the local artifact folder if needed.
+    """Return the id of experiment ``name``, creating it if needed.
+
+    A database store gets the artifact folder of :func:`artifact_root`; a tracking server gets none,
+    so the server's own ``--artifacts-destination`` (or default root) applies.
 
     Safe against a concurrent creator (e.g. two stages or a test starting at once).
     """
@@ -79,10 +90,13 @@ def get_or_create_experiment(name: str = EXPERIMENT_NAME) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    root = artifact_root()
-    root.mkdir(parents=True, exist_ok=True)
+    location = None
+    if not is_tracking_server():
+        root = artifact_root()
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=root.as_uri())
+        return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
