@@ -63,7 +63,8 @@ TEXT_TYPES = {
 
 def api_gateway_request_id() -> str:
     """An id shaped like HTTP API's (``apigw-requestid``): 14 base64 characters plus ``=``."""
-    return base64.b64encode(secrets.token_bytes(10)).decode()[:14] + "="
+    # URL-safe alphabet: a "/" would be rewritten by the handler (ids become S3 key parts).
+    return base64.urlsafe_b64encode(secrets.token_bytes(10)).decode()[:14] + "="
 
 
 def _route_regex(template: str) -> re.Pattern[str]:

@@ -173,3 +173,20 @@ def test_same_data_and_params_give_same_metrics(pipeline_repo: tuple[Path, dict[
     after = json.loads((work / "build" / "eval" / name / "metrics.json").read_text())
     for key in ("image_AUROC", "image_F1Score"):
         assert after[key] == before[key], (key, before[key], after[key])
+
+
+def test_dvc_exp_run_sweeps_one_param(pipeline_repo: tuple[Path, dict[str, str]]) -> None:
+    """`dvc exp run -S` (the README's sweep command) runs and records the changed metric."""
+    work, env = pipeline_repo
+    _run(["git", "checkout", "--", "params.yaml"], work, env)
+    _run([str(BIN / "dvc"), "repro"], work, env)  # back to the committed params first
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "baseline", "--allow-empty"], work, env)
+    _run(
+        [str(BIN / "dvc"), "exp", "run", "-n", "dfm-pca-090", "-S", "models.dfm.pca_level=0.9"],
+        work, env,
+    )
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], work, env).stdout)
+    text = json.dumps(shown)
+    assert "dfm-pca-090" in text
+    assert "0.9" in text and "image_AUROC" in text
