@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
+from serving.model_meta import load_metadata, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,14 +58,6 @@ OUT_ENV = "REGISTRY_PROMOTE_OUT"
 
 class PromoteError(RuntimeError):
     """The champion cannot be promoted; the message says what to fix. serving/model is untouched."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _image_size(summary: EvalSummary) -> tuple[int, int]:
@@ -296,12 +288,7 @@ def build_metadata(
 
 
 def validate_model_dir(model_dir: Path) -> None:
-    """Run the serving side's own metadata validation (the Lambda's cold-start check), if available."""
-    try:
-        from serving.model_meta import load_metadata
-    except ImportError:  # pragma: no cover - serving/ is part of this repo
-        log.warning("serving.model_meta not importable; skipping metadata validation")
-        return
+    """Run the serving side's own metadata validation (the Lambda's cold-start check)."""
     try:
         load_metadata(model_dir, verify_sha256=True)
     except ValueError as exc:

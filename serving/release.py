@@ -88,14 +88,24 @@ def load_promoted(model_dir: Path) -> ModelMetadata:
 
 def _registry_onnx_sha256(uri: str, tracking_uri: str, model_file: str) -> str:
     """Download the registered artifact and hash its ONNX file (the bytes promote copied)."""
+    import mlflow
     from mlflow.artifacts import download_artifacts
 
+    # MLflow resolves ``models:/`` URIs through the process-wide registry URI, whatever is passed
+    # to download_artifacts, so point the globals at this store for the call and restore them.
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="release-registry-") as tmp:
-        local = Path(
-            download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        try:
+            local = Path(
+                download_artifacts(
+                    artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                )
             )
-        )
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
         candidates = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
         named = [p for p in candidates if p.name == Path(model_file).name]
         chosen = named or candidates

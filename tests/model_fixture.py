@@ -13,7 +13,6 @@ importing this module stays cheap and torch-free.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 import tempfile
@@ -21,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image
+
+from serving.model_meta import sha256_file
 
 N_NORMAL = 16
 N_DEFECT = 8
@@ -65,15 +66,6 @@ def _materialise(paths: list[Path], out: Path) -> None:
     for p in paths:
         with Image.open(p) as im:
             im.convert("RGB").save(out / p.name)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_tiny_model(out_dir: Path, image_size: int = 64) -> Path:

@@ -42,7 +42,9 @@ def _deep_update(base: dict, extra: dict) -> dict:
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=1800)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -52,10 +54,16 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     if not (REPO / "data" / "train" / "good").is_dir():
         pytest.fail("data/ is missing: run `make data` (part of `make test`) first")
     work = tmp_path_factory.mktemp("pipeline") / "repo"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    tracked = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, tracked):
         src = REPO / rel
         if src.is_file():
@@ -83,8 +91,10 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
         HTTP_PROXY="http://127.0.0.1:9",
         HTTPS_PROXY="http://127.0.0.1:9",
         NO_PROXY="127.0.0.1,localhost",
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.invalid",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.invalid",
     )
     _run(["git", "init", "-q", "-b", "main"], work, env)
     _run(["git", "add", "-A"], work, env)
@@ -95,7 +105,10 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 def _metrics(work: Path) -> dict[str, dict]:
     params = yaml.safe_load((work / "params.yaml").read_text())
-    return {name: json.loads((work / "build" / "eval" / name / "metrics.json").read_text()) for name in params["models"]}
+    return {
+        name: json.loads((work / "build" / "eval" / name / "metrics.json").read_text())
+        for name in params["models"]
+    }
 
 
 def test_every_model_has_sane_metrics(pipeline_repo: tuple[Path, dict[str, str]]) -> None:
@@ -132,7 +145,7 @@ def test_champion_registered_and_promoted(pipeline_repo: tuple[Path, dict[str, s
         "import mlflow, json, sys;"
         "c = mlflow.MlflowClient();"
         f"v = c.get_model_version_by_alias({meta['registered_model']!r}, 'champion');"
-        "print(json.dumps({'version': v.version, 'run_id': v.run_id}))"
+        "print(json.dumps({'version': str(v.version), 'run_id': v.run_id}))"
     )
     out = _run([sys.executable, "-c", code], work, env).stdout.strip().splitlines()[-1]
     assert json.loads(out) == {"version": str(champion["version"]), "run_id": champion["run_id"]}
@@ -161,7 +174,9 @@ def test_changing_one_model_reruns_only_that_model(pipeline_repo: tuple[Path, di
     status = _run([str(BIN / "dvc"), "status", "--json"], work, env).stdout
     changed = set(json.loads(status or "{}"))
     assert "train@padim" in changed
-    assert not any(s.startswith(("train@", "evaluate@")) and not s.endswith("@padim") for s in changed), changed
+    assert not any(s.startswith(("train@", "evaluate@")) and not s.endswith("@padim") for s in changed), (
+        changed
+    )
     assert "prepare" not in changed
 
 
@@ -169,7 +184,11 @@ def test_same_data_and_params_give_same_metrics(pipeline_repo: tuple[Path, dict[
     work, env = pipeline_repo
     name = "patchcore"
     before = json.loads((work / "build" / "eval" / name / "metrics.json").read_text())
-    _run([str(BIN / "dvc"), "repro", "--force", "--single-item", f"train@{name}", f"evaluate@{name}"], work, env)
+    _run(
+        [str(BIN / "dvc"), "repro", "--force", "--single-item", f"train@{name}", f"evaluate@{name}"],
+        work,
+        env,
+    )
     after = json.loads((work / "build" / "eval" / name / "metrics.json").read_text())
     for key in ("image_AUROC", "image_F1Score"):
         assert after[key] == before[key], (key, before[key], after[key])
@@ -184,7 +203,8 @@ def test_dvc_exp_run_sweeps_one_param(pipeline_repo: tuple[Path, dict[str, str]]
     _run(["git", "commit", "-qm", "baseline", "--allow-empty"], work, env)
     _run(
         [str(BIN / "dvc"), "exp", "run", "-n", "dfm-pca-090", "-S", "models.dfm.pca_level=0.9"],
-        work, env,
+        work,
+        env,
     )
     shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], work, env).stdout)
     text = json.dumps(shown)
