@@ -1,7 +1,7 @@
 """Serving benchmark: ONNX Runtime serving path vs anomalib's PyTorch inferencer, side by side.
 
 ``python benchmarks/serving.py [--model-dir DIR] [--ckpt CKPT] [--images N] [--duration S]
-[--max-requests N] [--request-timeout S] [--clients 1,10,50]``
+[--max-requests N] [--request-timeout S] [--clients 1,10,50] [--[no-]openvino] [--only-runtimes]``
 
 Why: the Lambda image ships ONNX Runtime instead of torch for cold start, latency and size.
 This prints the evidence in one run, on the same model and the same images:
@@ -12,7 +12,13 @@ This prints the evidence in one run, on the same model and the same images:
 * HTTP throughput of the local server (the real handler, moto storage in its own process)
   with 1, 10 and 50 concurrent clients on 127.0.0.1, each level bounded in time and request
   count, with errors and timeouts counted rather than waited on;
-* installed size: the serving requirements vs the torch venv.
+* installed size: the serving requirements vs the torch venv;
+* ``--openvino`` (default when openvino is installed): OpenVINO vs ONNX Runtime on the same
+  ``model.onnx`` and the same inputs preprocessed once by ``Scorer.preprocess`` — import and
+  compile/load time, warm inference p50/p95, max |pred_score| and |anomaly_map| difference, with
+  1 thread and the default thread count. Both run in this interpreter (the serving venv has no
+  OpenVINO); OpenVINO's telemetry is opted out in the child's environment.
+  ``--only-runtimes`` prints only that comparison (no torch side, no throughput).
 
 Model: ``serving/model`` (the promoted one) with ``--ckpt`` for the torch side; without a
 promoted model both sides come from the tiny PaDiM fixture (64x64). Nothing asserts.
@@ -21,8 +27,10 @@ promoted model both sides come from the tiny PaDiM fixture (64x64). Nothing asse
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +79,66 @@ for im in loaded:
     s = time.perf_counter(); score(im); lat.append((time.perf_counter() - s) * 1000)
 print(json.dumps({"import_s": t_import - t0, "load_s": t_load - t_import,
                   "first_score_s": t_first - t_read, "read_s": t_read - t_load, "lat_ms": lat}))
+"""
+
+
+# Runs in a fresh interpreter. argv: runtime (ort|openvino|openvino-f32), model dir, inputs .npy, threads
+# (0 = default), output .npy for the anomaly maps. Times inference only, on the preprocessed
+# inputs; prints one JSON line with timings and the pred_scores.
+RUNTIME_CHILD = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+runtime, model_dir, inputs_path, threads, maps_path = sys.argv[1:6]
+threads = int(threads)
+import numpy as np
+from serving.model_meta import load_metadata
+meta = load_metadata(model_dir, verify_sha256=False)
+in_name, score_name, map_name = meta.input.name, meta.score_output, meta.anomaly_map_output
+t_start = time.perf_counter()
+if runtime == "ort":
+    import onnxruntime
+    from serving.scoring import _create_session, default_intra_op_threads
+    t_import = time.perf_counter()
+    used = threads or default_intra_op_threads()  # the serving default: the affinity mask
+    precision = ["float32"]
+    session = _create_session(meta.model_path, used)
+    t_load = time.perf_counter()
+    def infer(x):
+        s, m = session.run([score_name, map_name], {in_name: x})
+        return s, m
+else:
+    import openvino as ov
+    t_import = time.perf_counter()
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    if runtime == "openvino-f32":  # the CPU plugin's default is bf16 where the CPU has it
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(str(meta.model_path), "CPU", config)  # reads + converts the ONNX too
+    request = compiled.create_infer_request()
+    out_score, out_map = compiled.output(score_name), compiled.output(map_name)
+    t_load = time.perf_counter()
+    used = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT")).split("'")[1::2] or ["?"]
+    def infer(x):
+        r = request.infer({in_name: x})
+        return r[out_score].copy(), r[out_map].copy()
+inputs = np.load(inputs_path, mmap_mode="r")
+batches = [np.ascontiguousarray(inputs[i]) for i in range(len(inputs))]
+t_read = time.perf_counter()
+infer(batches[0])
+t_first = time.perf_counter()
+lat, scores, maps = [], [], []
+for x in batches:
+    s = time.perf_counter(); score, amap = infer(x); lat.append((time.perf_counter() - s) * 1000)
+    scores.append(float(np.asarray(score, dtype=np.float64).reshape(-1)[0]))
+    maps.append(np.asarray(amap, dtype=np.float32).reshape(amap.shape[-2:]))
+np.save(maps_path, np.stack(maps))
+print(json.dumps({"import_s": t_import - t_start, "load_s": t_load - t_import,
+                  "first_s": t_first - t_read, "threads": used, "lat_ms": lat, "scores": scores,
+                  "precision": precision[0], "telemetry_imported": "openvino_telemetry" in sys.modules,
+                  "telemetry_consent": bool(getattr(getattr(sys.modules.get("openvino_telemetry"),
+                      "Telemetry", None), "_SingletonMetaClass__single_instance", None) and
+                      sys.modules["openvino_telemetry"].Telemetry().consent)}))
 """
 
 
@@ -133,6 +201,110 @@ def run_child(python: Path, side: str, model: Path, images: list[str], pythonpat
     result["cold_start_s"] = result["import_s"] + result["load_s"] + result["first_score_s"]
     result["process_wall_s"] = time.time() - started
     return result
+
+
+def run_runtime_child(runtime: str, model_dir: Path, inputs: Path, threads: int, maps: Path) -> dict:
+    """One fresh interpreter for one (runtime, threads); returns its JSON, or {"error": ...}."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    # `import openvino` itself creates ovc's Telemetry object, which (no consent file = consent)
+    # writes ~/intel/{openvino_ga_cid,stats} and may send events. This openvino_telemetry has no
+    # env switch, so the child gets its own HOME holding the file `opt_in_out --opt_out` writes.
+    home = maps.parent / "home"
+    (home / "intel").mkdir(parents=True, exist_ok=True)
+    (home / "intel" / "openvino_telemetry").write_text("0\n")
+    env |= {"OPENVINO_TELEMETRY_DISABLE": "1", "HOME": str(home)}
+    cmd = [sys.executable, "-c", RUNTIME_CHILD, runtime, str(model_dir), str(inputs), str(threads), str(maps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def runtime_comparison(model_dir: Path, images: list[str], work: Path, openvino: bool) -> None:
+    """Print ONNX Runtime vs OpenVINO on the same model file and the same preprocessed inputs."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from serving.model_meta import load_metadata
+    from serving.scoring import Scorer
+
+    meta = load_metadata(model_dir)
+    holder = SimpleNamespace(metadata=meta)  # Scorer.preprocess only reads .metadata.input
+    batches = np.stack([Scorer.preprocess(holder, Image.open(p)) for p in images])
+    inputs = work / "inputs.npy"
+    np.save(inputs, batches)
+    del batches
+    cpus = len(os.sched_getaffinity(0))
+    runtimes = [("ort", "ORT")] + ([("openvino", "OpenVINO"), ("openvino-f32", "OV f32")] if openvino else [])
+    results: dict[tuple[str, int], dict] = {}
+    maps: dict[tuple[str, int], Path] = {}
+    for threads in (1, 0):  # 0: each runtime's default (ORT: the serving default, the affinity mask)
+        for key, _ in runtimes:
+            maps[key, threads] = work / f"maps-{key}-{threads}.npy"
+            results[key, threads] = run_runtime_child(key, model_dir, inputs, threads, maps[key, threads])
+
+    sp = site_packages(REPO / ".venv")
+    shape = f"{meta.input.width}x{meta.input.height}"
+    print(f"\nruntimes on {meta.model_path.name} ({shape}), inference only on the same {len(images)} inputs")
+    print(f"preprocessed once by Scorer.preprocess; a fresh process per column; CPUs: {cpus}")
+    cols = [(k, t) for t in (1, 0) for k, _ in runtimes]
+    names = dict(runtimes)
+    header = "".join(f"{names[k] + (' 1 thr' if t == 1 else ' dflt'):>16}" for k, t in cols)
+    print(f"{'':30}{header}")
+
+    def row(label: str, fn) -> None:
+        cells = []
+        for c in cols:
+            r = results[c]
+            cells.append(f"{'failed' if 'error' in r else fn(r, c):>16}")
+        print(f"{label:30}{''.join(cells)}")
+
+    row("threads used", lambda r, c: str(r["threads"]))
+    row("inference precision", lambda r, c: r["precision"])
+    row("import (s)", lambda r, c: f"{r['import_s']:.2f}")
+    row("load/compile model (s)", lambda r, c: f"{r['load_s']:.3f}")
+    row("first inference (s)", lambda r, c: f"{r['first_s']:.3f}")
+    for q in (50, 95):
+        row(f"warm p{q} ms (n={len(images)})", lambda r, c, q=q: f"{percentile(r['lat_ms'], q):.2f}")
+    row("mean ms", lambda r, c: f"{sum(r['lat_ms']) / len(r['lat_ms']):.2f}")
+
+    def diff(r: dict, c: tuple[str, int], what: str) -> str:
+        ref = results["ort", c[1]]
+        if "error" in ref:
+            return "n/a"
+        if what == "score":
+            return f"{max(abs(a - b) for a, b in zip(r['scores'], ref['scores'], strict=True)):.2e}"
+        return f"{float(np.abs(np.load(maps[c]) - np.load(maps['ort', c[1]])).max()):.2e}"
+
+    row("max |pred_score - ORT|", lambda r, c: diff(r, c, "score"))
+    row("max |anomaly_map - ORT|", lambda r, c: diff(r, c, "map"))
+
+    def decision_flips(r: dict, c: tuple[str, int]) -> str:
+        ref = results["ort", c[1]]
+        if "error" in ref:
+            return "n/a"
+        pairs = zip(r["scores"], ref["scores"], strict=True)
+        return str(sum((a >= meta.threshold) != (b >= meta.threshold) for a, b in pairs))
+
+    row("decisions != ORT", decision_flips)
+    row("ov telemetry loaded/consent", lambda r, c: f"{r['telemetry_imported']}/{r['telemetry_consent']}")
+    for c, r in results.items():
+        if "error" in r:
+            print(f"  {names[c[0]]} threads={c[1] or 'default'} failed: {r['error']}")
+
+    def pkg_mb(*prefixes: str) -> float:
+        dirs = [p for p in sp.iterdir() if p.is_dir() and p.name.lower().startswith(prefixes)]
+        return sum(installed_mb(p) for p in dirs)
+
+    print(f"\n{'installed (.venv site-packages)':30}{'onnxruntime':>16}{'openvino':>16}")
+    ort_mb, ov_mb = pkg_mb("onnxruntime"), pkg_mb("openvino")  # incl. dist-info, openvino_telemetry
+    print(f"{'package dirs (MB)':30}{ort_mb:>16.0f}{ov_mb:>16.0f}")
+    for p in [inputs, *maps.values()]:
+        p.unlink(missing_ok=True)
+    shutil.rmtree(work / "home", ignore_errors=True)
 
 
 def load_level(
@@ -273,6 +445,15 @@ def main() -> int:
     parser.add_argument(
         "--clients", default="1,10,50", help="comma-separated concurrency levels (default 1,10,50)"
     )
+    parser.add_argument(
+        "--openvino", action=argparse.BooleanOptionalAction,
+        default=importlib.util.find_spec("openvino") is not None,
+        help="also time OpenVINO on the same model.onnx and inputs (default: on if installed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only-runtimes", action="store_true",
+        help="only the ONNX Runtime vs OpenVINO comparison: no torch side, cold-start table or throughput",
+    )  # fmt: skip
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",") if n.strip()]
 
@@ -285,6 +466,13 @@ def main() -> int:
             build_tiny_model(model_dir, image_size=64)
     meta = json.loads((model_dir / "metadata.json").read_text())
     size = meta["input"]["height"]
+    normal, defect = elpv_samples(max(100, args.images) - 20, 20)
+    images = [str(p) for p in normal + defect]
+    if args.only_runtimes:
+        print(f"model: {model_dir} ({meta['model_name']}, {size}x{size}); images: {len(images)} ELPV cells")
+        runtime_comparison(model_dir, images, work, args.openvino)
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     if args.ckpt:
         torch_model = torch_model_from_ckpt(args.ckpt, meta["model_name"], work / "torch")
         torch_note = f"checkpoint {args.ckpt}"
@@ -293,9 +481,6 @@ def main() -> int:
             print("warning: promoted model without --ckpt; torch side is the tiny fixture", file=sys.stderr)
         torch_model = tiny_torch_model(work / "torch", size)
         torch_note = "tiny PaDiM retrained with the fixture's seed/settings"
-
-    normal, defect = elpv_samples(max(100, args.images) - 20, 20)
-    images = [str(p) for p in normal + defect]
 
     clean = venv_dir()
     clean_python = clean / "bin" / "python"
@@ -326,6 +511,8 @@ def main() -> int:
     print(f"\n{'installed: serving venv (MB)':32}{clean_mb:>24.0f}")
     main_mb = installed_mb(main_sp)
     print(f"{'installed: main venv (MB)':32}{main_mb:>24.0f}   of which torch stack {torch_mb:.0f}")
+    if args.openvino:
+        runtime_comparison(model_dir, images, work, args.openvino)
 
     print("\nHTTP throughput, local server (real handler, moto S3+DynamoDB, loopback):")
     bound = (
