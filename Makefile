@@ -7,7 +7,6 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
-export OPENVINO_TELEMETRY_DISABLE := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
@@ -20,6 +19,9 @@ $(VENV)/.installed: requirements.txt serving/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	@# OpenVINO (benchmarks only) reads its telemetry consent from this file; 0 = opted out.
+	@# It has no environment-variable switch, and importing it without the file opts in.
+	mkdir -p $(HOME)/intel && [ -f $(HOME)/intel/openvino_telemetry ] || echo 0 > $(HOME)/intel/openvino_telemetry
 	touch $@
 
 # Materialise the embedded default data (ELPV, CC BY-NC-SA 4.0) and check it against data.dvc.
