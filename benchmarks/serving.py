@@ -151,6 +151,12 @@ def torch_model_from_ckpt(ckpt: Path, model_name: str, out_dir: Path) -> Path:
     """Load an anomalib Lightning checkpoint and export it for ``TorchInferencer``."""
     import anomalib.models as models
 
+    # Rebuilding the model from its hyper-parameters creates the pretrained backbone again: point
+    # timm at the offline weights the pipeline uses instead of the network.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments.backbones import configure_offline
+
+    configure_offline()
     cls = next(getattr(models, n) for n in models.__all__ if n.lower() == model_name.lower())
     return cls.load_from_checkpoint(str(ckpt), map_location="cpu").to_torch(out_dir)
 
