@@ -1,0 +1,122 @@
+"""The "pixel AUROC and PRO where masks exist" path, which the default ELPV data (no masks) never runs.
+
+A tiny MVTec-layout data set is built from real ELPV cells: normal cells for training and testing,
+plus "defect" cells made by painting a clearly visible synthetic defect (a bright blob or scratch at
+a seeded random place) on normal cells, each with its binary mask
+``ground_truth/defect/<stem>_mask.png``. It goes through the real prepare validation (masks
+accepted and copied), then a tiny PaDiM train + evaluate at 64 px, as in test_pipeline_units.py.
+
+A mask without its image is already rejected (naming the file) by
+``tests/experiments/test_data.py::test_validation_failures_name_the_file``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from tests.experiments.test_pipeline_units import BASE_PARAMS
+
+N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 12, 6, 6
+SEED = 7
+
+
+def _paint_defect(image: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
+    """Return ``(image with a bright blob or scratch, its 0/255 mask)``; both the image's size/mode."""
+    width, height = image.size
+    defect, mask = image.copy(), Image.new("L", image.size, 0)
+    draw, mask_draw = ImageDraw.Draw(defect), ImageDraw.Draw(mask)
+    side = min(width, height)
+    if rng.random() < 0.5:  # blob: ellipse of 1/8 .. 1/5 of the cell
+        rx, ry = (rng.randint(side // 16, side // 10) for _ in range(2))
+        cx, cy = rng.randint(rx + 5, width - rx - 5), rng.randint(ry + 5, height - ry - 5)
+        box = (cx - rx, cy - ry, cx + rx, cy + ry)
+        draw.ellipse(box, fill=255)
+        mask_draw.ellipse(box, fill=255)
+    else:  # scratch: a thick line across a good part of the cell
+        margin = side // 10
+        start = (rng.randint(margin, width - margin), rng.randint(margin, height // 3))
+        end = (rng.randint(margin, width - margin), rng.randint(2 * height // 3, height - margin))
+        thickness = max(side // 25, 3)
+        draw.line([start, end], fill=255, width=thickness)
+        mask_draw.line([start, end], fill=255, width=thickness)
+    return defect, mask
+
+
+def _raw_data(root: Path) -> None:
+    """``data/``-like MVTec folder: train/good, test/good, test/defect + ground_truth/defect masks."""
+    from tests.model_fixture import elpv_samples
+
+    normal, _ = elpv_samples(n_normal=N_TRAIN + N_TEST_GOOD + N_TEST_DEFECT, n_defect=0)
+    assert len(normal) == N_TRAIN + N_TEST_GOOD + N_TEST_DEFECT
+    rng = random.Random(SEED)
+    groups = {
+        "train/good": normal[:N_TRAIN],
+        "test/good": normal[N_TRAIN : N_TRAIN + N_TEST_GOOD],
+        "test/defect": normal[N_TRAIN + N_TEST_GOOD :],
+    }
+    for sub, paths in groups.items():
+        (root / sub).mkdir(parents=True)
+        for path in paths:
+            with Image.open(path) as im:
+                image = im.copy()
+            if sub == "test/defect":
+                image, mask = _paint_defect(image, rng)
+                mask_path = root / "ground_truth/defect" / f"{path.stem}_mask.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                mask.save(mask_path)
+            image.save(root / sub / f"{path.stem}.png")
+
+
+def test_masks_pass_prepare_and_give_pixel_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from experiments import prepare
+    from experiments.datamodule import mask_dirs
+    from experiments.evaluate import evaluate
+    from experiments.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = tmp_path / "data"
+    _raw_data(raw)
+    with Image.open(next((raw / "ground_truth/defect").iterdir())) as m:
+        values = set(np.unique(np.asarray(m)).tolist())
+    assert values == {0, 255}
+
+    # --- prepare: the real validation accepts the masks and copies them beside their images ------
+    params = copy.deepcopy(BASE_PARAMS)
+    params["data"] = {
+        "root": str(raw),
+        "image_size": 64,
+        "max_train": N_TRAIN,
+        "max_test_good": N_TEST_GOOD,
+        "max_test_defect": N_TEST_DEFECT,
+    }
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    dataset, report_path = tmp_path / "dataset", tmp_path / "prepare" / "report.json"
+    report = prepare.prepare(params_path, dataset, report_path)
+    assert report["masks"] == {"available": N_TEST_DEFECT, "selected": N_TEST_DEFECT}
+    masks = sorted(p.name for p in (dataset / "ground_truth/defect").iterdir())
+    assert masks == sorted(f"{p.stem}_mask.png" for p in (dataset / "test/defect").iterdir())
+    assert mask_dirs(dataset) == ["ground_truth/defect"]
+
+    # --- tiny train + evaluate: pixel metrics appear next to the image metrics --------------------
+    models_dir, work = tmp_path / "models", tmp_path / "engine"
+    train("padim", params, dataset, models_dir / "padim", work_dir=work)
+    out = tmp_path / "eval" / "padim"
+    summary = evaluate("padim", params, dataset, models_dir, out, use_mlflow=False, work_dir=work)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert summary["metrics"] == metrics
+    for key in ("image_AUROC", "image_F1Score", "onnx_image_AUROC", "pixel_AUROC", "pixel_PRO"):
+        assert key in metrics, key
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    # Bright blobs/scratches on a mid-grey cell must be located far better than chance.
+    assert metrics["pixel_AUROC"] > 0.5, metrics
+    print({k: metrics[k] for k in ("pixel_AUROC", "pixel_PRO", "image_AUROC", "image_F1Score")})
