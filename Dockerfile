@@ -38,8 +38,10 @@ RUN dnf install -y python3.11 python3.11-pip \
 
 # Only the serving requirements: no torch, torchvision, anomalib or lightning in the image.
 COPY serving/requirements.txt /tmp/serving-requirements.txt
+# --only-binary: every pin has a wheel for this glibc (checked with `pip download --platform
+# manylinux_2_34_x86_64 ... --only-binary=:all:`), so a source build here would mean a wrong pin.
 RUN python3.11 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/serving-requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -r /tmp/serving-requirements.txt \
         "awslambdaric==${AWSLAMBDARIC_VERSION}" \
     && rm /tmp/serving-requirements.txt
 
