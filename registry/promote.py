@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
-from serving.model_meta import load_metadata, sha256_file
+from serving.model_meta import input_block, load_metadata, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -265,17 +265,7 @@ def build_metadata(
         "registered_model": name,
         "registry_version": str(version.version),
         "run_id": summary.run_id,
-        "input": {
-            "name": input_name,
-            "height": size[0],
-            "width": size[1],
-            "channels": 3,
-            "color": "RGB",
-            "layout": "NCHW",
-            "dtype": "float32",
-            "range": [0.0, 1.0],
-            "resize": "bilinear",
-        },
+        "input": input_block(input_name, size[0], size[1]),
         "normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "applied": "inside_model"},
         "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
         "threshold": _finite_number(summary, "threshold"),

@@ -8,6 +8,7 @@ the file and the field at fault.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -17,6 +18,15 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "metadata.json"
+# The fixed part of ``input`` (everything but name and size): what scoring.py feeds the graph.
+FIXED_INPUT: dict[str, Any] = {
+    "channels": 3,
+    "color": "RGB",
+    "layout": "NCHW",
+    "dtype": "float32",
+    "range": [0.0, 1.0],
+    "resize": "bilinear",
+}
 
 
 class ModelMetadataError(ValueError):
@@ -54,6 +64,11 @@ class ModelMetadata:
     def model_path(self) -> Path:
         """Absolute path of the ONNX file."""
         return self.model_dir / self.model_file
+
+
+def input_block(name: str, height: int, width: int) -> dict[str, Any]:
+    """The ``input`` section of metadata.json, for whoever writes it (promote, test fixtures)."""
+    return {"name": name, "height": height, "width": width, **copy.deepcopy(FIXED_INPUT)}
 
 
 def sha256_file(path: Path) -> str:
@@ -103,7 +118,8 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
 
     inp = _require(data, "input", dict, where)
     iwhere = f"{where}: input"
-    for key, expected in (("color", "RGB"), ("layout", "NCHW"), ("dtype", "float32")):
+    for key in ("color", "layout", "dtype"):
+        expected = FIXED_INPUT[key]
         if key in inp and inp[key] != expected:
             raise ModelMetadataError(f"{iwhere}.{key} is {inp[key]!r}; serving only supports {expected!r}")
     channels = _positive_int(inp, "channels", iwhere) if "channels" in inp else 3

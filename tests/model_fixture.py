@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image
 
-from serving.model_meta import sha256_file
+from serving.model_meta import input_block, sha256_file
 
 N_NORMAL = 16
 N_DEFECT = 8
@@ -119,19 +118,10 @@ def build_tiny_model(out_dir: Path, image_size: int = 64) -> Path:
         )
         engine.fit(model=model, datamodule=datamodule)
 
-        # Fixed input size and dynamic_axes=None -> batch 1, no symbolic dims (contract section 3).
-        # opset 18 is the lowest the dynamo exporter implements (asking for 14 logs a failed
-        # down-conversion); external_data=False keeps the weights inside the single model.onnx
-        # that metadata.json hashes.
-        onnx_path = model.to_onnx(
-            tmp / "export",
-            input_size=(image_size, image_size),
-            dynamic_axes=None,
-            opset_version=18,
-            external_data=False,
-        )
-        model_file = out_dir / "model.onnx"
-        shutil.copyfile(onnx_path, model_file)
+        # The pipeline's own export: batch 1, fixed size, opset 18, weights inside model.onnx.
+        from experiments.export import export_onnx
+
+        model_file = export_onnx(model, out_dir, image_size)
 
         raw_threshold = float(model.post_processor.image_threshold)
 
@@ -151,17 +141,7 @@ def build_tiny_model(out_dir: Path, image_size: int = 64) -> Path:
         "registered_model": "visual-inspection",
         "registry_version": "0",
         "run_id": "tiny-fixture",
-        "input": {
-            "name": input_name,
-            "height": image_size,
-            "width": image_size,
-            "channels": 3,
-            "color": "RGB",
-            "layout": "NCHW",
-            "dtype": "float32",
-            "range": [0.0, 1.0],
-            "resize": "bilinear",
-        },
+        "input": input_block(input_name, image_size, image_size),
         "normalisation": {
             "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225],
