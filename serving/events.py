@@ -3,15 +3,20 @@
 All input validation lives here so the handler can trust what it gets: every problem with
 the request raises :class:`RequestError` carrying the HTTP status and a stable error code,
 before any model or storage work is done. Image headers are inspected before pixels are
-decoded, so a small file that claims huge dimensions (decompression bomb) is refused cheaply.
+decoded, so a small file that claims huge dimensions (decompression bomb) is refused cheaply,
+and decode memory is bounded: the pixel cap follows the function's memory size
+(``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``), large JPEGs are decoded at a reduced DCT scale (draft
+mode) and anything still above the working size is box-reduced before scoring.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
+import math
 import os
 import re
 import uuid
@@ -25,7 +30,7 @@ from aws_lambda_powertools.utilities.data_classes import (
     APIGatewayProxyEventV2,
     LambdaFunctionUrlEvent,
 )
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 MB = 1024 * 1024
 IMAGE_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG"}
@@ -36,6 +41,21 @@ IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # Request ids also allow '=' and '+': API Gateway HTTP API ids are base64 (e.g. "JFcJxjA5IAMEVqg=").
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,127}$")
 _REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:=+-]")
+# Bytes of decode-time memory budgeted per decoded pixel: the decoded buffer (up to 4 bands), the
+# RGB copy the model input is made from, the box-reduced working image and Pillow's overhead,
+# with headroom for the runtime and the ONNX session that share the function's memory.
+DECODE_BYTES_PER_PIXEL = 64
+DEFAULT_MAX_PIXELS = 40_000_000
+# PNG text chunks (tEXt/zTXt/iTXt) are decompressed by Pillow; a zTXt bomb is bounded by these.
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 1 * MB
+# Per-request decision threshold / sensitivity overrides must stay inside these bounds: the
+# model's scores are min-max normalised to [0, 1], so 0 or 1 would flag everything or nothing.
+OVERRIDE_MIN = 0.01
+OVERRIDE_MAX = 0.99
+MASK_MODES = ("base64", "url")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 class RequestError(Exception):
@@ -57,7 +77,14 @@ def _env_bool(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    return value.strip().lower() in _TRUE
+
+
+def memory_pixel_cap(memory_mb: int | None) -> int:
+    """Largest decoded image (pixels) this function's memory can afford; 40 MP when unknown."""
+    if not memory_mb or memory_mb <= 0:
+        return DEFAULT_MAX_PIXELS
+    return min(DEFAULT_MAX_PIXELS, memory_mb * MB // DECODE_BYTES_PER_PIXEL)
 
 
 @dataclass(frozen=True)
@@ -67,28 +94,44 @@ class RequestLimits:
     max_body_bytes: int = 6 * MB
     min_side: int = 16
     max_side: int = 12_000
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS  # of the decoded image (after JPEG draft scaling)
+    working_pixels: int = 4_000_000  # images above this are reduced before scoring and overlay
     require_camera_id: bool = False
     default_camera_id: str = "unknown"
+    max_results_page: int = 100  # GET .../results?limit=
+    mask_url_expires_s: int = 900  # lifetime of presigned mask URLs (mask=url)
 
     @classmethod
     def from_env(cls) -> RequestLimits:
-        """Read ``MAX_BODY_BYTES``, ``MIN_IMAGE_SIDE``, ``MAX_IMAGE_SIDE``, ``MAX_IMAGE_PIXELS``,
-        ``REQUIRE_CAMERA_ID`` and ``DEFAULT_CAMERA_ID``; unset ones keep the defaults."""
+        """Read the serving limits from the environment (the one place that does); unset keep defaults.
+
+        ``MAX_BODY_BYTES``, ``MIN_IMAGE_SIDE``, ``MAX_IMAGE_SIDE``, ``MAX_IMAGE_PIXELS`` (default:
+        sized to ``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``, see :func:`memory_pixel_cap`),
+        ``MAX_WORKING_PIXELS``, ``REQUIRE_CAMERA_ID``, ``DEFAULT_CAMERA_ID``, ``MAX_RESULTS_PAGE``,
+        ``MASK_URL_EXPIRES_S``.
+        """
         d = cls()
+        memory_cap = memory_pixel_cap(_env_int("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0))
         return cls(
             max_body_bytes=_env_int("MAX_BODY_BYTES", d.max_body_bytes),
             min_side=_env_int("MIN_IMAGE_SIDE", d.min_side),
             max_side=_env_int("MAX_IMAGE_SIDE", d.max_side),
-            max_pixels=_env_int("MAX_IMAGE_PIXELS", d.max_pixels),
+            max_pixels=_env_int("MAX_IMAGE_PIXELS", memory_cap),
+            working_pixels=_env_int("MAX_WORKING_PIXELS", d.working_pixels),
             require_camera_id=_env_bool("REQUIRE_CAMERA_ID", d.require_camera_id),
             default_camera_id=os.environ.get("DEFAULT_CAMERA_ID") or d.default_camera_id,
+            max_results_page=_env_int("MAX_RESULTS_PAGE", d.max_results_page),
+            mask_url_expires_s=_env_int("MASK_URL_EXPIRES_S", d.mask_url_expires_s),
         )
 
 
 @dataclass(frozen=True)
 class ScoringRequest:
-    """A validated request: decoded image plus the identifiers used to store its result."""
+    """A validated request: decoded image plus the identifiers used to store its result.
+
+    ``image`` is the working image (possibly reduced from ``original_size``); positions reported
+    to the client are scaled back to ``original_size``.
+    """
 
     image: Image.Image
     image_bytes: bytes
@@ -97,6 +140,22 @@ class ScoringRequest:
     captured_at: str  # UTC ISO 8601, millisecond precision, "Z" suffix
     request_id: str
     event_source: str  # "apigw-rest-v1" | "apigw-http-v2" | "function-url"
+    original_size: tuple[int, int] = (0, 0)
+    image_sha256: str = ""
+    threshold: float | None = None  # per-request override (from threshold or sensitivity)
+    sensitivity: float | None = None
+    mask: str | None = None  # None | "base64" | "url"
+    regions: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        """What an idempotency key is bound to: camera, image bytes and the answer-changing params.
+
+        The same key with another fingerprint is a conflict, never a replay of someone else's answer.
+        """
+        threshold = "" if self.threshold is None else repr(self.threshold)
+        text = f"{self.camera_id}\n{self.image_sha256}\n{threshold}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def detect_event_source(event: dict[str, Any]) -> str:
@@ -153,17 +212,25 @@ def _check_size(data: bytes, limits: RequestLimits) -> None:
         )
 
 
-def normalise_timestamp(value: Any) -> str:
-    """Parse ISO 8601 (naive = UTC) and return ``YYYY-MM-DDTHH:MM:SS.mmmZ`` so keys sort by time."""
+def normalise_timestamp(value: Any, field: str = "captured_at") -> str:
+    """Parse ISO 8601 (naive = UTC) and return ``YYYY-MM-DDTHH:MM:SS.mmmZ`` so keys sort by time.
+
+    Years 1 and 9999 with an offset overflow when moved to UTC: that is the client's input, a 400.
+    """
     if not isinstance(value, str) or not value.strip():
-        raise RequestError(400, "invalid_captured_at", "captured_at must be an ISO 8601 string")
+        raise RequestError(
+            400, f"invalid_{field}", f"{field} must be an ISO 8601 string such as 2026-01-02T03:04:05Z"
+        )
     try:
         parsed = datetime.fromisoformat(value.strip())
-    except ValueError as exc:
-        raise RequestError(400, "invalid_captured_at", f"captured_at {value!r} is not ISO 8601") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        utc = parsed.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise RequestError(
+            400, f"invalid_{field}", f"{field} {value!r} is not an ISO 8601 time in years 1-9999"
+        ) from exc
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def utc_now() -> str:
@@ -187,11 +254,25 @@ def _server_request_id(value: str) -> str:
     return _REQUEST_ID_UNSAFE.sub("_", value.strip())[:128] or uuid.uuid4().hex
 
 
-def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str]:
-    """Decode JPEG/PNG bytes into a loaded image after checking its declared dimensions.
+def _too_large(width: int, height: int, decoded: tuple[int, int], limits: RequestLimits) -> RequestError:
+    scaled = f" (decoded at {decoded[0]}x{decoded[1]})" if decoded != (width, height) else ""
+    return RequestError(
+        422,
+        "image_too_large",
+        f"image is {width}x{height}{scaled}; limits are {limits.max_side} px per side and "
+        f"{limits.max_pixels} decoded pixels (MAX_IMAGE_PIXELS); send a smaller image",
+    )
 
-    Returns the image and its content type. Dimensions are read from the header first so that a
-    decompression bomb is rejected before any pixel memory is allocated.
+
+def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str, tuple[int, int]]:
+    """Decode JPEG/PNG bytes with bounded memory; return (working image, content type, original size).
+
+    Dimensions are read from the header first, so a decompression bomb is rejected before any
+    pixel memory is allocated. A JPEG larger than ``limits.working_pixels`` is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) that still covers the working size, which cuts decode
+    memory and time by the square of the factor; the pixel cap applies to what is decoded. A
+    decoded image above the working size is box-reduced by an integer factor, so scoring and
+    overlay memory do not grow with the camera's resolution.
     """
     try:
         with warnings.catch_warnings():
@@ -203,25 +284,135 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str]:
         raise RequestError(422, "invalid_image", "body is not a decodable JPEG or PNG image") from exc
     if image.format not in FORMAT_CONTENT_TYPES:
         raise RequestError(415, "unsupported_image_format", f"image format {image.format} is not JPEG or PNG")
+    content_type = FORMAT_CONTENT_TYPES[image.format]
     width, height = image.size
-    if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
-        raise RequestError(
-            422,
-            "image_too_large",
-            f"image is {width}x{height}; limits are {limits.max_side} px per side and "
-            f"{limits.max_pixels} pixels",
-        )
     if width < limits.min_side or height < limits.min_side:
         raise RequestError(
             422, "image_too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px"
         )
+    if width > limits.max_side or height > limits.max_side:
+        raise _too_large(width, height, (width, height), limits)
+    if image.format == "JPEG" and width * height > limits.working_pixels:
+        shrink = math.sqrt(limits.working_pixels / (width * height))
+        target = (max(limits.min_side, int(width * shrink)), max(limits.min_side, int(height * shrink)))
+        image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", target)
+    decoded = image.size
+    if decoded[0] * decoded[1] > limits.max_pixels:
+        raise _too_large(width, height, decoded, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(422, "invalid_image", "image data is corrupt or truncated") from exc
-    return image, FORMAT_CONTENT_TYPES[image.format]
+    pixels = image.width * image.height
+    if pixels > limits.working_pixels:
+        factor = math.ceil(math.sqrt(pixels / limits.working_pixels))
+        try:
+            image = image.reduce(factor)
+        except ValueError:  # modes reduce() does not support (e.g. I;16): same box filter via resize
+            size = (max(1, image.width // factor), max(1, image.height // factor))
+            image = image.resize(size, Image.Resampling.BOX)
+    return image, content_type, (width, height)
+
+
+def _query(event: dict[str, Any]) -> dict[str, str]:
+    """Query parameters of v1 / v2 / function-URL events (v2 joins repeats with ',')."""
+    return {str(k): str(v) for k, v in (event.get("queryStringParameters") or {}).items() if v is not None}
+
+
+def _flag(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise RequestError(400, f"invalid_{field}", f"{field} must be true or false")
+
+
+def _fraction(value: Any, field: str) -> float:
+    """A threshold / sensitivity override: a number within [OVERRIDE_MIN, OVERRIDE_MAX]."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RequestError(400, f"invalid_{field}", f"{field} must be a number")
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise RequestError(400, f"invalid_{field}", f"{field} must be a number, got {value!r}") from exc
+    if not (OVERRIDE_MIN <= number <= OVERRIDE_MAX):  # also false for NaN
+        raise RequestError(
+            400,
+            f"invalid_{field}",
+            f"{field} must be between {OVERRIDE_MIN} and {OVERRIDE_MAX}, got {value!r}",
+        )
+    return number
+
+
+def _option(json_fields: dict[str, Any], query: dict[str, str], name: str) -> Any:
+    """A request option from the JSON body or the query string; both and different is a 400."""
+    in_body, in_query = name in json_fields and json_fields[name] is not None, name in query
+    if in_body and in_query and str(json_fields[name]).lower() != query[name].lower():
+        raise RequestError(
+            400, f"conflicting_{name}", f"{name} differs between the body and the query string"
+        )
+    return json_fields[name] if in_body else query.get(name)
+
+
+def parse_answer_options(
+    json_fields: dict[str, Any], query: dict[str, str]
+) -> tuple[float | None, float | None, str | None, bool]:
+    """``(threshold, sensitivity, mask, regions)`` from body/query; sensitivity s means threshold 1 - s."""
+    raw_threshold = _option(json_fields, query, "threshold")
+    raw_sensitivity = _option(json_fields, query, "sensitivity")
+    if raw_threshold is not None and raw_sensitivity is not None:
+        raise RequestError(400, "conflicting_threshold", "give threshold or sensitivity, not both")
+    threshold = sensitivity = None
+    if raw_threshold is not None:
+        threshold = _fraction(raw_threshold, "threshold")
+    if raw_sensitivity is not None:
+        sensitivity = _fraction(raw_sensitivity, "sensitivity")
+        threshold = round(1.0 - sensitivity, 6)
+    raw_mask = _option(json_fields, query, "mask")
+    mask: str | None = None
+    if raw_mask is not None and not (isinstance(raw_mask, bool) and not raw_mask):
+        text = "base64" if raw_mask is True else str(raw_mask).strip().lower()
+        if text in _TRUE:
+            text = "base64"
+        if text in _FALSE - {""} or text == "none":
+            text = ""
+        if text and text not in MASK_MODES:
+            raise RequestError(400, "invalid_mask", "mask must be 'base64', 'url' or false")
+        mask = text or None
+    raw_regions = _option(json_fields, query, "regions")
+    regions = False if raw_regions is None else _flag(raw_regions, "regions")
+    return threshold, sensitivity, mask, regions
+
+
+def _camera_id(
+    path_params: dict[str, Any], json_fields: dict[str, Any], headers: dict[str, str], limits: RequestLimits
+) -> str:
+    """The path's camera wins; a different camera in the body or header is a 400, never a re-route."""
+    sources = [
+        ("path", path_params.get("camera_id")),
+        ("body", json_fields.get("camera_id")),
+        ("x-camera-id header", headers.get("x-camera-id")),
+    ]
+    given = [(where, _identifier(value, "camera_id")) for where, value in sources if value not in (None, "")]
+    if not given:
+        if limits.require_camera_id:
+            raise RequestError(
+                400,
+                "missing_camera_id",
+                "camera_id is required (JSON field, x-camera-id header or path parameter)",
+            )
+        return _identifier(limits.default_camera_id, "camera_id")
+    first_where, camera = given[0]
+    for where, other in given[1:]:
+        if other != camera:
+            raise RequestError(
+                400,
+                "camera_id_mismatch",
+                f"camera_id {other!r} in the {where} differs from {camera!r} in the {first_where}",
+            )
+    return camera
 
 
 def parse_event(
@@ -286,20 +477,16 @@ def parse_event(
         )
     _check_size(image_bytes, limits)
 
-    path_params = wrapped.path_parameters or {}
-    camera_raw = json_fields.get("camera_id") or headers.get("x-camera-id") or path_params.get("camera_id")
-    if camera_raw is None or camera_raw == "":
-        if limits.require_camera_id:
-            raise RequestError(
-                400,
-                "missing_camera_id",
-                "camera_id is required (JSON field, x-camera-id header or path parameter)",
-            )
-        camera_raw = limits.default_camera_id
-    camera_id = _identifier(camera_raw, "camera_id")
+    camera_id = _camera_id(wrapped.path_parameters or {}, json_fields, headers, limits)
 
-    captured_raw = json_fields.get("captured_at") or headers.get("x-captured-at")
-    captured_at = normalise_timestamp(captured_raw) if captured_raw else utc_now()
+    # Absent means "now"; present but empty/0/false is a client mistake, not "now".
+    if json_fields.get("captured_at") is not None:
+        captured_at = normalise_timestamp(json_fields["captured_at"])
+    elif "x-captured-at" in headers:
+        captured_at = normalise_timestamp(headers["x-captured-at"])
+    else:
+        captured_at = utc_now()
+    threshold, sensitivity, mask, regions = parse_answer_options(json_fields, _query(event))
 
     client_id = headers.get("idempotency-key") or headers.get("x-request-id")
     if client_id:
@@ -308,7 +495,7 @@ def parse_event(
         context_id = (event.get("requestContext") or {}).get("requestId")
         request_id = _server_request_id(str(context_id or fallback_request_id or uuid.uuid4().hex))
 
-    image, detected_type = decode_image(image_bytes, limits)
+    image, detected_type, original_size = decode_image(image_bytes, limits)
     return ScoringRequest(
         image=image,
         image_bytes=image_bytes,
@@ -317,4 +504,10 @@ def parse_event(
         captured_at=captured_at,
         request_id=request_id,
         event_source=source,
+        original_size=original_size,
+        image_sha256=hashlib.sha256(image_bytes).hexdigest(),
+        threshold=threshold,
+        sensitivity=sensitivity,
+        mask=mask,
+        regions=regions,
     )

@@ -5,7 +5,7 @@
 Each HTTP request becomes an API Gateway HTTP API (payload format 2.0) event, built as the
 real service builds it: ``rawPath``/``rawQueryString``, lower-cased headers (repeated ones
 joined with commas), ``cookies``, ``requestContext`` with a request id in API Gateway's
-format, ``pathParameters`` for the route ``POST /cameras/{camera_id}/images``, and a body
+format, ``pathParameters`` for the routes in :data:`serving.routes.ROUTES`, and a body
 that is base64-encoded (``isBase64Encoded``) unless its content type is text. The handler's
 proxy response (status, headers, cookies, possibly base64 body) is written back verbatim.
 Unmatched routes get API Gateway's own ``404 {"message":"Not Found"}``.
@@ -28,7 +28,6 @@ import base64
 import collections
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -44,10 +43,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from serving.routes import ROUTES, match_route
+
 Handler = Callable[[dict[str, Any], Any], Any]
 
-# (method, route template); ``{name}`` matches one path segment, as in API Gateway.
-ROUTES: tuple[tuple[str, str], ...] = (("POST", "/cameras/{camera_id}/images"),)
+__all__ = ["ROUTES", "build_event", "make_server", "match_route", "spawn"]
+
 # API Gateway's hard request limit for HTTP APIs.
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
 ACCOUNT_ID = "123456789012"
@@ -65,23 +66,6 @@ def api_gateway_request_id() -> str:
     """An id shaped like HTTP API's (``apigw-requestid``): 14 base64 characters plus ``=``."""
     # URL-safe alphabet: a "/" would be rewritten by the handler (ids become S3 key parts).
     return base64.urlsafe_b64encode(secrets.token_bytes(10)).decode()[:14] + "="
-
-
-def _route_regex(template: str) -> re.Pattern[str]:
-    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-    return re.compile(f"^{pattern}$")
-
-
-_COMPILED_ROUTES = [(method, template, _route_regex(template)) for method, template in ROUTES]
-
-
-def match_route(method: str, path: str) -> tuple[str, dict[str, str]] | None:
-    """``(routeKey, pathParameters)`` for a configured route, else ``None`` (API Gateway 404)."""
-    for route_method, template, regex in _COMPILED_ROUTES:
-        found = regex.match(path)
-        if found and route_method in (method, "ANY"):
-            return f"{route_method} {template}", {k: unquote(v) for k, v in found.groupdict().items()}
-    return None
 
 
 def is_text_content(content_type: str | None) -> bool:
@@ -226,7 +210,11 @@ def make_request_handler(handler: Handler, *, quiet: bool = False) -> type[BaseH
 
         def _serve(self) -> None:
             request_id = api_gateway_request_id()
-            length = int(self.headers.get("content-length") or 0)
+            raw_length = (self.headers.get("content-length") or "0").strip()
+            if not raw_length.isdigit():  # API Gateway answers a bad Content-Length with 400
+                self._send(_json_message(400, "Bad Request: invalid Content-Length"), request_id, close=True)
+                return
+            length = int(raw_length)
             if length > MAX_REQUEST_BYTES:
                 self._send(_json_message(413, "Request Entity Too Large"), request_id, close=True)
                 return

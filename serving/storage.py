@@ -1,20 +1,31 @@
-"""Persist scoring results: overlay (and optionally the original) to S3, the record to DynamoDB.
+"""Persist scoring results: overlay, mask (and optionally the original) to S3, the record to DynamoDB.
 
-Consistency rules, in the order they are applied:
+Consistency rules (each exercised by ``tests/serving/test_faults.py`` through a fault proxy):
 
-1. A retried request (same ``camera_id`` + ``request_id``) is detected with :meth:`ResultStore.get`
-   before any scoring, and the stored result is returned unchanged.
-2. S3 objects are written first, then the DynamoDB item with a conditional put
-   (``attribute_not_exists``): a DynamoDB record never points at an S3 object that is not there,
-   and a concurrent duplicate cannot store a second record.
-3. If the DynamoDB write fails, the S3 objects written by this call are deleted (best effort), so
-   a failed request leaves no orphan behind. If it lost a race to a concurrent duplicate, the
-   winner's record is returned and objects the winner references are kept.
+1. A retried request (same ``camera_id`` + ``request_id``) is looked up with :meth:`ResultStore.get`
+   before scoring. The stored item carries the request's ``fingerprint`` (camera + image sha256 +
+   answer-changing options): same fingerprint → the stored answer is replayed; another one →
+   :class:`IdempotencyConflict` (409) and nothing is stored.
+2. Every attempt writes its S3 objects under its own key
+   ``{prefix}{camera}/{YYYY/MM/DD}/{request_id}/{attempt_id}-overlay.png`` (``-mask.png``,
+   ``-original.<ext>``): no request or retry can overwrite another's object.
+3. Objects first, then the DynamoDB item with a conditional put (no item yet, or only a
+   tombstone that does not name this attempt): an item never points at a missing object and a
+   concurrent duplicate cannot store a second record.
+4. When the put's outcome is unknown (connection closed after the write, timeout, 5xx), nothing
+   is deleted until it is resolved: a conditional *tombstone* (``status = aborted`` naming this
+   attempt) is written. If it lands, this attempt's put can never land later (its condition
+   excludes tombstoned attempts), so the objects are deleted and the caller gets a retryable
+   error; if its condition fails, the item exists and is read back (ours → success, another
+   attempt's → replay or conflict). If even that cannot be decided, the objects are kept.
+5. After a successful put, objects under this request's prefix that the item does not reference
+   (left by earlier failed attempts whose cleanup failed) are swept.
 
 Table layout (see :data:`TABLE_SCHEMA`): partition key ``camera_id``, sort key ``request_id`` —
 the idempotency key must be derivable from the request alone, and ``captured_at`` defaults to
 "now", so it cannot be part of the key. Time-ordered queries per camera use the GSI
-``by_captured_at`` (``camera_id``, ``captured_at``).
+``by_captured_at`` (``camera_id``, ``captured_at``); tombstones have no ``captured_at``, so they
+are not in it.
 
 Endpoints come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL_DYNAMODB``), which boto3 honours by itself.
@@ -22,7 +33,11 @@ Endpoints come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ENDP
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -31,7 +46,15 @@ import boto3
 from aws_lambda_powertools import Logger
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectionError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 GSI_BY_CAPTURED_AT = "by_captured_at"
 TABLE_SCHEMA: dict[str, Any] = {
@@ -64,7 +87,32 @@ _RETRYABLE_CODES = {
     "InternalServerError",
     "ServiceUnavailable",
     "SlowDown",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "TransactionConflictException",
 }
+# Errors after which the write certainly did not happen (no need to resolve an unknown outcome).
+_DEFINITE_CODES = {
+    "ResourceNotFoundException",
+    "ValidationException",
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "ThrottlingException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "NoSuchBucket",
+    "AccessDenied",
+}
+_TRANSIENT_ERRORS = (
+    EndpointConnectionError,
+    ConnectionError,
+    ConnectionClosedError,
+    ReadTimeoutError,
+    ConnectTimeoutError,
+)
+STATUS_COMPLETE = "complete"
+STATUS_ABORTED = "aborted"
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "visual-inspection"), child=True)
 _serializer = TypeSerializer()
@@ -74,7 +122,9 @@ _deserializer = TypeDeserializer()
 class StorageError(RuntimeError):
     """S3 or DynamoDB failed; ``store`` names which (``"s3"`` / ``"dynamodb"``).
 
-    ``retryable`` is true when the store was unreachable or throttling (maps to 503, else 500).
+    ``retryable`` is true for transient faults (unreachable, connection lost, timeout, throttling,
+    5xx): 503 with Retry-After; else 500. ``str()`` has the details for the logs;
+    :attr:`public_message` is what a client may see (the store only: no endpoint, bucket or key).
     """
 
     def __init__(self, store: str, operation: str, message: str, *, retryable: bool = False) -> None:
@@ -82,6 +132,24 @@ class StorageError(RuntimeError):
         self.store = store
         self.operation = operation
         self.retryable = retryable
+
+    @property
+    def public_message(self) -> str:
+        if self.retryable:
+            return f"{self.store} is temporarily unavailable; retry the request with the same idempotency key"
+        return f"{self.store} failed; the result was not stored"
+
+
+class IdempotencyConflict(Exception):
+    """The request id is already used by a request with another fingerprint (image/camera/options)."""
+
+    def __init__(self, existing: dict[str, Any]) -> None:
+        super().__init__("idempotency key already used for a different request")
+        self.existing = existing
+
+
+class InvalidPageToken(ValueError):
+    """A ``next_token`` that this store did not issue for this camera."""
 
 
 class ConfigurationError(RuntimeError):
@@ -103,6 +171,9 @@ class ResultRecord:
     latency_ms: dict[str, float] = field(default_factory=dict)
     image_width: int = 0
     image_height: int = 0
+    fingerprint: str = ""
+    image_sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # answer fields (confidence, regions, ...)
 
 
 @dataclass(frozen=True)
@@ -118,11 +189,30 @@ def _wrap_error(store: str, operation: str, exc: Exception) -> StorageError:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "Unknown")
         message = exc.response.get("Error", {}).get("Message", "")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         return StorageError(
-            store, operation, f"{code}: {message}".rstrip(": "), retryable=code in _RETRYABLE_CODES
+            store,
+            operation,
+            f"{code}: {message}".rstrip(": "),
+            retryable=code in _RETRYABLE_CODES or status >= 500,
         )
-    retryable = isinstance(exc, EndpointConnectionError | ConnectionError)
-    return StorageError(store, operation, f"{type(exc).__name__}: {exc}", retryable=retryable)
+    return StorageError(
+        store, operation, f"{type(exc).__name__}: {exc}", retryable=isinstance(exc, _TRANSIENT_ERRORS)
+    )
+
+
+def _is_definite_failure(exc: Exception) -> bool:
+    """Whether the write certainly did not happen (validation, missing table, throttled, refused)."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code") in _DEFINITE_CODES
+    return isinstance(exc, EndpointConnectionError | ConnectTimeoutError)
+
+
+def _is_condition_failure(exc: Exception) -> bool:
+    return (
+        isinstance(exc, ClientError)
+        and exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+    )
 
 
 def to_dynamodb(value: Any) -> Any:
@@ -198,16 +288,28 @@ class ResultStore:
         )
 
     # -- keys -------------------------------------------------------------------------------
-    def object_keys(
-        self, camera_id: str, captured_at: str, request_id: str, original_content_type: str | None = None
-    ) -> dict[str, str]:
-        """S3 keys ``{prefix}{camera_id}/{YYYY/MM/DD}/{request_id}-overlay.png`` (+ ``-original.<ext>``).
+    def request_prefix(self, camera_id: str, captured_at: str, request_id: str) -> str:
+        """``{prefix}{camera_id}/{YYYY/MM/DD}/{request_id}/``: every attempt's objects live below it.
 
         The date comes from ``captured_at`` (``YYYY-MM-DD...``), so objects group by capture day.
         """
         day = f"{captured_at[0:4]}/{captured_at[5:7]}/{captured_at[8:10]}"
-        base = f"{self.prefix}{camera_id}/{day}/{request_id}"
-        keys = {"overlay": f"{base}-overlay.png"}
+        return f"{self.prefix}{camera_id}/{day}/{request_id}/"
+
+    def object_keys(
+        self,
+        camera_id: str,
+        captured_at: str,
+        request_id: str,
+        attempt_id: str,
+        original_content_type: str | None = None,
+    ) -> dict[str, str]:
+        """This attempt's keys under :meth:`request_prefix`.
+
+        ``{attempt_id}-overlay.png``, ``{attempt_id}-mask.png`` and ``{attempt_id}-original.<ext>``.
+        """
+        base = self.request_prefix(camera_id, captured_at, request_id) + attempt_id
+        keys = {"overlay": f"{base}-overlay.png", "mask": f"{base}-mask.png"}
         if self.store_original and original_content_type:
             keys["original"] = f"{base}-original.{ORIGINAL_EXTENSIONS.get(original_content_type, 'bin')}"
         return keys
@@ -216,9 +318,25 @@ class ResultStore:
         """``s3://bucket/key``."""
         return f"s3://{self.bucket}/{key}"
 
+    def presigned_url(self, key: str, expires_s: int) -> str:
+        """A time-limited GET URL for one stored object (computed locally: no request is made)."""
+        try:
+            return self.s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _wrap_error("s3", "presign", exc) from exc
+
     # -- reads ------------------------------------------------------------------------------
     def get(self, camera_id: str, request_id: str) -> dict[str, Any] | None:
-        """The stored item for this request (strongly consistent), or ``None``."""
+        """The stored, complete item for this request (strongly consistent), or ``None``.
+
+        Tombstones (``status = aborted``) read as ``None``: nothing was stored for them.
+        """
+        item = self._get_raw(camera_id, request_id)
+        return item if item is not None and item.get("status", STATUS_COMPLETE) == STATUS_COMPLETE else None
+
+    def _get_raw(self, camera_id: str, request_id: str) -> dict[str, Any] | None:
         try:
             response = self.dynamodb.get_item(
                 TableName=self.table_name,
@@ -230,6 +348,51 @@ class ResultStore:
         item = response.get("Item")
         return self._decode(item) if item else None
 
+    def read_object(self, key: str) -> bytes:
+        """The bytes of one stored object (e.g. the mask for ``mask=base64`` on a replay)."""
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise _wrap_error("s3", "get_object", exc) from exc
+
+    def query(
+        self,
+        camera_id: str,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 50,
+        next_token: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of a camera's results by ``captured_at`` (oldest first) and the next page's token."""
+        condition = "camera_id = :c"
+        values: dict[str, Any] = {":c": {"S": camera_id}}
+        if since and until:
+            condition += " AND captured_at BETWEEN :s AND :u"
+            values.update({":s": {"S": since}, ":u": {"S": until}})
+        elif since:
+            condition += " AND captured_at >= :s"
+            values[":s"] = {"S": since}
+        elif until:
+            condition += " AND captured_at <= :u"
+            values[":u"] = {"S": until}
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": GSI_BY_CAPTURED_AT,
+            "KeyConditionExpression": condition,
+            "ExpressionAttributeValues": values,
+            "Limit": limit,
+        }
+        if next_token:
+            kwargs["ExclusiveStartKey"] = decode_page_token(next_token, camera_id)
+        try:
+            response = self.dynamodb.query(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise _wrap_error("dynamodb", "query", exc) from exc
+        items = [self._decode(i) for i in response.get("Items", [])]
+        last = response.get("LastEvaluatedKey")
+        return items, encode_page_token(last) if last else None
+
     @staticmethod
     def _decode(item: dict[str, Any]) -> dict[str, Any]:
         return from_dynamodb({k: _deserializer.deserialize(v) for k, v in item.items()})
@@ -240,17 +403,26 @@ class ResultStore:
         record: ResultRecord,
         overlay_png: bytes,
         *,
+        mask_png: bytes | None = None,
         original: bytes | None = None,
         original_content_type: str | None = None,
     ) -> SaveOutcome:
-        """Write S3 objects, then the DynamoDB item conditionally; see the module docstring."""
+        """Write this attempt's S3 objects, then the item conditionally; see the module docstring.
+
+        Raises :class:`StorageError` (nothing stored, or an undecidable outcome with the
+        objects kept) or :class:`IdempotencyConflict` (another request owns the id).
+        """
+        attempt_id = uuid.uuid4().hex[:16]
         keys = self.object_keys(
             record.camera_id,
             record.captured_at,
             record.request_id,
+            attempt_id,
             original_content_type if original is not None else None,
         )
-        bodies = {"overlay": (overlay_png, "image/png")}
+        bodies: dict[str, tuple[bytes, str]] = {"overlay": (overlay_png, "image/png")}
+        if mask_png is not None:
+            bodies["mask"] = (mask_png, "image/png")
         if "original" in keys and original is not None and original_content_type:
             bodies["original"] = (original, original_content_type)
 
@@ -259,11 +431,13 @@ class ResultStore:
             try:
                 self.s3.put_object(Bucket=self.bucket, Key=keys[kind], Body=body, ContentType=content_type)
             except (ClientError, BotoCoreError) as exc:
+                written.append(keys[kind])  # the PUT may have landed: deleting a missing key is a no-op
                 self._delete_objects(written)
                 raise _wrap_error("s3", f"put_object {kind}", exc) from exc
             written.append(keys[kind])
 
         item = {
+            **record.extra,
             "camera_id": record.camera_id,
             "request_id": record.request_id,
             "captured_at": record.captured_at,
@@ -275,10 +449,16 @@ class ResultStore:
             "latency_ms": {k: round(v, 3) for k, v in record.latency_ms.items()},
             "image_width": record.image_width,
             "image_height": record.image_height,
+            "fingerprint": record.fingerprint,
+            "image_sha256": record.image_sha256,
+            "attempt_id": attempt_id,
+            "status": STATUS_COMPLETE,
             "bucket": self.bucket,
             "overlay_key": keys["overlay"],
             "result_uri": self.uri(keys["overlay"]),
         }
+        if "mask" in bodies:
+            item["mask_key"] = keys["mask"]
         if "original" in bodies:
             item["original_key"] = keys["original"]
             item["original_uri"] = self.uri(keys["original"])
@@ -286,26 +466,92 @@ class ResultStore:
             self.dynamodb.put_item(
                 TableName=self.table_name,
                 Item={k: _serializer.serialize(v) for k, v in to_dynamodb(item).items()},
-                ConditionExpression="attribute_not_exists(request_id)",
+                ConditionExpression="attribute_not_exists(request_id) OR "
+                "(#s = :aborted AND NOT contains(aborted_attempts, :attempt))",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":aborted": {"S": STATUS_ABORTED}, ":attempt": {"S": attempt_id}},
             )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return self._resolve_duplicate(record, written)
-            self._delete_objects(written)
-            raise _wrap_error("dynamodb", "put_item", exc) from exc
-        except BotoCoreError as exc:
-            self._delete_objects(written)
-            raise _wrap_error("dynamodb", "put_item", exc) from exc
+        except (ClientError, BotoCoreError) as exc:
+            if _is_condition_failure(exc):
+                return self._resolve_existing(record, attempt_id, written)
+            if _is_definite_failure(exc):
+                self._delete_objects(written)
+                raise _wrap_error("dynamodb", "put_item", exc) from exc
+            logger.warning(
+                "put_item outcome unknown; resolving before deleting anything",
+                extra={"error": f"{type(exc).__name__}: {exc}", "attempt_id": attempt_id},
+            )
+            return self._resolve_unknown(
+                record, attempt_id, written, _wrap_error("dynamodb", "put_item", exc)
+            )
+        self._sweep(record, item)
         return SaveOutcome(item=from_dynamodb(to_dynamodb(item)), replayed=False)
 
-    def _resolve_duplicate(self, record: ResultRecord, written: list[str]) -> SaveOutcome:
-        """A concurrent duplicate stored first: return its item, drop our objects it does not use."""
-        existing = self.get(record.camera_id, record.request_id)
-        if existing is None:  # pragma: no cover - the condition failed, so the item exists
-            raise StorageError("dynamodb", "put_item", "conditional put failed but no item was found")
-        referenced = {existing.get("overlay_key"), existing.get("original_key")}
+    def _resolve_existing(self, record: ResultRecord, attempt_id: str, written: list[str]) -> SaveOutcome:
+        """The conditional put failed: an item exists. Ours (a retried put that landed) → success;
+        another attempt's → replay if it is the same request, else conflict. Our objects go only
+        when the stored item is not ours."""
+        existing = self._get_raw(record.camera_id, record.request_id)
+        if existing is None or existing.get("status", STATUS_COMPLETE) != STATUS_COMPLETE:
+            # Tombstoned or gone between the put and the read: nothing references our objects.
+            self._delete_objects(written)
+            raise StorageError(
+                "dynamodb", "put_item", "conditional put lost to a concurrent attempt", retryable=True
+            )
+        if existing.get("attempt_id") == attempt_id:
+            self._sweep(record, existing)
+            return SaveOutcome(item=existing, replayed=False)
+        referenced = {existing.get(k) for k in ("overlay_key", "mask_key", "original_key")}
         self._delete_objects([key for key in written if key not in referenced])
+        stored_fingerprint = existing.get("fingerprint")
+        if stored_fingerprint and record.fingerprint and stored_fingerprint != record.fingerprint:
+            raise IdempotencyConflict(existing)
         return SaveOutcome(item=existing, replayed=True)
+
+    def _resolve_unknown(
+        self, record: ResultRecord, attempt_id: str, written: list[str], cause: StorageError
+    ) -> SaveOutcome:
+        """Decide an unknown put outcome with a conditional tombstone before deleting anything."""
+        try:
+            self.dynamodb.update_item(
+                TableName=self.table_name,
+                Key={"camera_id": {"S": record.camera_id}, "request_id": {"S": record.request_id}},
+                UpdateExpression="SET #s = :aborted ADD aborted_attempts :attempts",
+                ConditionExpression="attribute_not_exists(request_id) OR #s = :aborted",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":aborted": {"S": STATUS_ABORTED},
+                    ":attempts": {"SS": [attempt_id]},
+                },
+            )
+        except (ClientError, BotoCoreError) as exc:
+            if _is_condition_failure(exc):  # a complete item is there: read it back
+                return self._resolve_existing(record, attempt_id, written)
+            logger.error(
+                "put_item outcome undecidable; keeping this attempt's objects",
+                extra={"kept_keys": written, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            raise cause from exc
+        # Tombstoned: this attempt's put can never land now, so its objects are garbage.
+        self._delete_objects(written)
+        raise cause
+
+    def _sweep(self, record: ResultRecord, item: dict[str, Any]) -> None:
+        """Delete objects of earlier failed attempts of this request (best effort, after commit).
+
+        Safe once the item is stored: no other attempt can commit any more, so only the keys the
+        item references are live.
+        """
+        prefix = self.request_prefix(record.camera_id, record.captured_at, record.request_id)
+        referenced = {item.get(k) for k in ("overlay_key", "mask_key", "original_key")}
+        try:
+            listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=100)
+        except (ClientError, BotoCoreError) as exc:
+            logger.warning("could not list objects to sweep", extra={"error": str(exc), "prefix": prefix})
+            return
+        stale = [o["Key"] for o in listing.get("Contents", []) if o["Key"] not in referenced]
+        if stale:
+            self._delete_objects(stale)
 
     def _delete_objects(self, keys: list[str]) -> list[str]:
         """Best-effort cleanup; returns the keys that could not be deleted (they are only logged)."""
@@ -318,6 +564,29 @@ class ResultStore:
         if failed:
             logger.warning("could not delete S3 objects after a failed write", extra={"orphan_keys": failed})
         return failed
+
+
+def encode_page_token(last_evaluated_key: dict[str, Any]) -> str:
+    """An opaque ``next_token``: the GSI's LastEvaluatedKey as URL-safe base64 JSON."""
+    plain = {k: v["S"] for k, v in last_evaluated_key.items() if "S" in v}
+    return base64.urlsafe_b64encode(json.dumps(plain, sort_keys=True).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, camera_id: str) -> dict[str, Any]:
+    """Inverse of :func:`encode_page_token`; refuses tokens of another camera or another shape."""
+    try:
+        plain = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidPageToken("next_token is not a token this API issued") from exc
+    names = {"camera_id", "request_id", "captured_at"}
+    if (
+        not isinstance(plain, dict)
+        or set(plain) != names
+        or not all(isinstance(v, str) for v in plain.values())
+        or plain["camera_id"] != camera_id
+    ):
+        raise InvalidPageToken("next_token is not a token this API issued for this camera")
+    return {k: {"S": v} for k, v in plain.items()}
 
 
 def create_resources(

@@ -68,20 +68,22 @@ def test_json_accepts_data_url() -> None:
 
 
 def test_camera_id_sources_and_precedence() -> None:
+    """Path, body and header may each name the camera; when several do they must agree (see
+    test_events_hostile.py for the 400 on disagreement)."""
     data = image_bytes()
     from_path = v1_event(data, {"content-type": "image/png"}, path_parameters={"camera_id": "path-cam"})
     assert parse_event(from_path).camera_id == "path-cam"
-    header_wins = v1_event(
+    agreeing = v1_event(
         data,
-        {"content-type": "image/png", "x-camera-id": "hdr-cam"},
+        {"content-type": "image/png", "x-camera-id": "path-cam"},
         path_parameters={"camera_id": "path-cam"},
     )
-    assert parse_event(header_wins).camera_id == "hdr-cam"
+    assert parse_event(agreeing).camera_id == "path-cam"
+    header_only = v2_event(data, {"content-type": "image/png", "x-camera-id": "hdr-cam"})
+    assert parse_event(header_only).camera_id == "hdr-cam"
     body = json_body(data, camera_id="json-cam")
-    json_wins = v2_event(
-        body, {"content-type": "application/json", "x-camera-id": "hdr-cam"}, base64_encoded=False
-    )
-    assert parse_event(json_wins).camera_id == "json-cam"
+    json_only = v2_event(body, {"content-type": "application/json"}, base64_encoded=False)
+    assert parse_event(json_only).camera_id == "json-cam"
     assert parse_event(v2_event(data, {"content-type": "image/png"})).camera_id == "unknown"
 
 

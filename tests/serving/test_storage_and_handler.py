@@ -16,7 +16,9 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from PIL import Image
 
+from serving.answer import analyse, confidence, mask_png
 from serving.events import RequestLimits
+from serving.local_server import LocalContext
 from serving.scoring import Scorer, overlay
 from serving.service import InferenceService
 from serving.storage import ResultRecord, ResultStore, StorageError, create_resources
@@ -81,18 +83,29 @@ def _record(**overrides: Any) -> ResultRecord:
 def test_save_writes_s3_then_dynamodb(aws_resources: str) -> None:
     store = ResultStore(TABLE, BUCKET, "results/", store_original=True)
     outcome = store.save(
-        _record(), b"overlay-bytes", original=b"jpeg-bytes", original_content_type="image/jpeg"
+        _record(),
+        b"overlay-bytes",
+        mask_png=b"mask",
+        original=b"jpeg-bytes",
+        original_content_type="image/jpeg",
     )
     assert not outcome.replayed
-    base = "results/cam-1/2026/02/03/r-1"
-    assert _objects() == {f"{base}-overlay.png": b"overlay-bytes", f"{base}-original.jpg": b"jpeg-bytes"}
+    attempt = outcome.item["attempt_id"]
+    base = f"results/cam-1/2026/02/03/r-1/{attempt}"
+    assert _objects() == {
+        f"{base}-overlay.png": b"overlay-bytes",
+        f"{base}-mask.png": b"mask",
+        f"{base}-original.jpg": b"jpeg-bytes",
+    }
     stored = store.get("cam-1", "r-1")
     assert stored == outcome.item
     assert stored is not None
     assert stored["score"] == 0.123456789
     assert stored["result_uri"] == f"s3://{BUCKET}/{base}-overlay.png"
     assert stored["original_uri"] == f"s3://{BUCKET}/{base}-original.jpg"
+    assert stored["mask_key"] == f"{base}-mask.png"
     assert stored["latency_ms"] == {"parse": 1.5, "score": 2.25}
+    assert stored["status"] == "complete"
     raw = _items()[0]
     assert raw["score"] == {"N": "0.123456789"}
     assert raw["is_anomalous"] == {"BOOL": False}
@@ -102,17 +115,28 @@ def test_save_writes_s3_then_dynamodb(aws_resources: str) -> None:
 
 def test_concurrent_duplicate_returns_winner_and_keeps_its_objects(aws_resources: str) -> None:
     store = ResultStore(TABLE, BUCKET)
-    first = store.save(_record(), b"winner")
-    # Same request id, different capture day (e.g. defaulted captured_at): loser's object must go.
-    second = store.save(_record(captured_at="2026-02-04T00:00:00.000Z", score=0.9), b"loser")
+    first = store.save(_record(fingerprint="f1"), b"winner")
+    # Same request id and fingerprint, any capture day: the loser's objects must go, the winner's stay.
+    second = store.save(
+        _record(captured_at="2026-02-04T00:00:00.000Z", score=0.9, fingerprint="f1"), b"loser"
+    )
     assert second.replayed
     assert second.item == first.item
-    assert _objects() == {"results/cam-1/2026/02/03/r-1-overlay.png": b"winner"}
-    # Same day: the key is the winner's, so it is kept (not deleted by the loser's cleanup).
-    third = store.save(_record(), b"winner")
+    third = store.save(_record(fingerprint="f1"), b"other attempt, same day")
     assert third.replayed
-    assert list(_objects()) == ["results/cam-1/2026/02/03/r-1-overlay.png"]
+    assert _objects() == {first.item["overlay_key"]: b"winner"}
     assert len(_items()) == 1
+
+
+def test_duplicate_with_another_fingerprint_is_a_conflict(aws_resources: str) -> None:
+    from serving.storage import IdempotencyConflict
+
+    store = ResultStore(TABLE, BUCKET)
+    first = store.save(_record(fingerprint="f1"), b"winner")
+    with pytest.raises(IdempotencyConflict):
+        store.save(_record(fingerprint="f2", score=0.9), b"intruder")
+    assert _objects() == {first.item["overlay_key"]: b"winner"}
+    assert store.get("cam-1", "r-1") == first.item
 
 
 def test_dynamodb_failure_removes_s3_objects(aws_env: str) -> None:
@@ -160,29 +184,40 @@ def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: S
     assert response["statusCode"] == 200, response
     assert response["headers"]["x-idempotent-replay"] == "false"
     body = _body(response)
-    base = "results/line-2/2026/05/06/gw-1"
+    (item,) = _items()
+    base = f"results/line-2/2026/05/06/gw-1/{item['attempt_id']['S']}"
     expected = scorer.score(data)
+    image = Image.open(io.BytesIO(data))
+    analysis = analyse(expected.anomaly_map, 0.5, image.size, image.size)
     assert body == {
         "score": expected.score,
         "is_anomalous": expected.is_anomalous,
+        "confidence": confidence(expected.score, 0.5),
         "threshold": 0.5,
+        "threshold_source": "model",
+        "sensitivity": None,
+        "anomalous_area_pct": analysis.anomalous_area_pct,
         "model_name": "padim",
         "model_version": scorer.metadata.registry_version,
         "result_uri": f"s3://{BUCKET}/{base}-overlay.png",
         "request_id": "gw-1",
         "camera_id": "line-2",
         "captured_at": "2026-05-06T07:08:09.000Z",
+        "image_width": 300,
+        "image_height": 300,
     }
-    image = Image.open(io.BytesIO(data))
     expected_overlay = overlay(image, expected.anomaly_map)
-    assert _objects() == {f"{base}-overlay.png": expected_overlay, f"{base}-original.png": data}
-    (item,) = _items()
+    assert _objects() == {
+        f"{base}-overlay.png": expected_overlay,
+        f"{base}-mask.png": mask_png(analysis.mask),
+        f"{base}-original.png": data,
+    }
     assert item["camera_id"] == {"S": "line-2"}
     assert item["request_id"] == {"S": "gw-1"}
     assert float(item["score"]["N"]) == expected.score
     assert item["is_anomalous"] == {"BOOL": expected.is_anomalous}
     assert item["model_version"] == {"S": scorer.metadata.registry_version}
-    assert set(item["latency_ms"]["M"]) == {"parse", "score", "overlay"}
+    assert set(item["latency_ms"]["M"]) == {"parse", "score", "analyse", "overlay"}
     assert item["overlay_key"] == {"S": f"{base}-overlay.png"}
 
 
@@ -200,7 +235,7 @@ def test_retried_request_stores_nothing_twice(aws_resources: str, scorer: Scorer
     assert second["body"] == first["body"]
     assert _body(first)["request_id"] == "client-key-1"
     assert _objects() == objects_before
-    assert len(objects_before) == 1
+    assert len(objects_before) == 2  # overlay + mask
     assert len(_items()) == 1
 
 
@@ -220,7 +255,7 @@ def test_bucket_missing_is_5xx_and_no_dynamodb_item(aws_env: str, scorer: Scorer
     assert response["statusCode"] == 500
     error = _body(response)["error"]
     assert error["code"] == "s3_error"
-    assert "s3" in error["message"] and "NoSuchBucket" in error["message"]
+    assert error["message"] == "s3 failed; the result was not stored"  # no bucket name, no endpoint
     assert error["request_id"] == "req-1"
     assert _items() == []
 
@@ -258,7 +293,9 @@ def test_server_down_is_503(aws_env: str, scorer: Scorer, monkeypatch: pytest.Mo
     assert response["statusCode"] == 503
     error = _body(response)["error"]
     assert error["code"] == "dynamodb_error"
-    assert "Could not connect" in error["message"]
+    assert error["message"].startswith("dynamodb is temporarily unavailable")
+    assert str(port) not in response["body"]
+    assert response["headers"]["retry-after"] == "1"
 
 
 def test_module_handler_from_env(aws_resources: str, serving_model_dir: Path, monkeypatch) -> None:
@@ -268,7 +305,7 @@ def test_module_handler_from_env(aws_resources: str, serving_model_dir: Path, mo
     import serving.app as app
 
     monkeypatch.delitem(sys.modules, "serving.app")  # later imports rebuild from their own env
-    response = app.handler(_png_event(elpv_image_bytes(3), request_id="mod-1"), None)
+    response = app.handler(_png_event(elpv_image_bytes(3), request_id="mod-1"), LocalContext())
     assert response["statusCode"] == 200, response
     assert _body(response)["result_uri"].startswith(f"s3://{BUCKET}/results/cam-1/")
     assert len(_items()) == 1

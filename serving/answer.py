@@ -1,0 +1,159 @@
+"""The answer beyond the score: confidence, anomaly mask, anomalous area and regions.
+
+Works only on what :class:`serving.scoring.ScoreResult` already has (``anomaly_map`` in [0, 1]
+at the model's input size, ``score``) plus the decision threshold in force, so it does not
+depend on how the image was pre-processed. Pure numpy + Pillow (no scipy/OpenCV in the image).
+
+Definitions (also in the README):
+
+* ``confidence`` — how far the score is from the threshold, relative to the room on that side:
+  ``(score - t) / (1 - t)`` when anomalous, ``(t - score) / t`` when normal, clipped to [0, 1].
+  0 means "on the threshold" (a coin toss), 1 means the score is at the end of its range.
+* ``mask`` — pixels whose anomaly-map value (bilinearly upsampled to the working image) is
+  >= the threshold; anomalib normalises the map with the same 0.5-centred scheme as the score.
+* ``anomalous_area_pct`` — the mask's share of the image, in percent.
+* ``regions`` — 8-connected components of the mask, largest peak first, at most
+  :data:`MAX_REGIONS`, each with its bounding box in the ORIGINAL image's pixel coordinates
+  (``x``, ``y``, ``width``, ``height``), its ``peak_score`` and its ``area_pct``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MAX_REGIONS = 20
+
+
+def confidence(score: float, threshold: float) -> float:
+    """Distance of ``score`` from ``threshold`` as a fraction of the room on its side, in [0, 1]."""
+    s = min(1.0, max(0.0, float(score)))
+    t = min(1.0, max(0.0, float(threshold)))
+    if s >= t:
+        room = 1.0 - t
+        value = (s - t) / room if room > 0 else 1.0
+    else:
+        value = (t - s) / t if t > 0 else 1.0
+    return round(min(1.0, max(0.0, value)), 6)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Mask-derived facts about one scored image (see the module docstring)."""
+
+    mask: np.ndarray  # bool[h, w] at the working image's size
+    anomalous_area_pct: float
+    regions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def upsample(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``float32[h, w]`` map resized bilinearly (as a float image, no banding) to ``size=(w, h)``."""
+    heat = np.asarray(anomaly_map, dtype=np.float32)
+    if heat.shape == (size[1], size[0]):
+        return heat
+    resized = Image.fromarray(heat, mode="F").resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _runs(row: np.ndarray) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of the True runs in a 1-D bool row."""
+    padded = np.concatenate(([False], row, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def label_regions(mask: np.ndarray, values: np.ndarray) -> list[dict[str, Any]]:
+    """8-connected components of ``mask`` from row runs + union-find (no scipy in the image).
+
+    Returns ``{"x0", "y0", "x1", "y1", "pixels", "peak"}`` per component in mask coordinates
+    (``x1``/``y1`` exclusive).
+    """
+    parent: list[int] = []
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    runs: list[tuple[int, int, int, int]] = []  # (y, start, stop, run id)
+    previous: list[tuple[int, int, int]] = []
+    for y in range(mask.shape[0]):
+        current: list[tuple[int, int, int]] = []
+        for start, stop in _runs(mask[y]):
+            rid = len(parent)
+            parent.append(rid)
+            for p_start, p_stop, p_id in previous:
+                if p_start <= stop and start <= p_stop:  # overlap incl. diagonal neighbours
+                    a, b = find(rid), find(p_id)
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+            current.append((start, stop, rid))
+            runs.append((y, start, stop, rid))
+        previous = current
+    boxes: dict[int, dict[str, Any]] = {}
+    for y, start, stop, rid in runs:
+        root = find(rid)
+        peak = float(values[y, start:stop].max())
+        box = boxes.get(root)
+        if box is None:
+            boxes[root] = {
+                "x0": start,
+                "y0": y,
+                "x1": stop,
+                "y1": y + 1,
+                "pixels": stop - start,
+                "peak": peak,
+            }
+        else:
+            box["x0"], box["x1"] = min(box["x0"], start), max(box["x1"], stop)
+            box["y1"] = y + 1
+            box["pixels"] += stop - start
+            box["peak"] = max(box["peak"], peak)
+    return list(boxes.values())
+
+
+def analyse(
+    anomaly_map: np.ndarray,
+    threshold: float,
+    working_size: tuple[int, int],
+    original_size: tuple[int, int],
+    *,
+    max_regions: int = MAX_REGIONS,
+) -> Analysis:
+    """Mask, area and regions of ``anomaly_map`` at ``threshold``; boxes in original pixels."""
+    values = upsample(anomaly_map, working_size)
+    mask = values >= np.float32(threshold)
+    total = mask.size
+    area = round(100.0 * float(mask.sum()) / total, 4) if total else 0.0
+    sx = original_size[0] / working_size[0]
+    sy = original_size[1] / working_size[1]
+    regions = []
+    for comp in sorted(
+        label_regions(mask, values), key=lambda c: (-c["peak"], -c["pixels"], c["y0"], c["x0"])
+    ):
+        x0, y0 = int(np.floor(comp["x0"] * sx)), int(np.floor(comp["y0"] * sy))
+        x1 = min(original_size[0], int(np.ceil(comp["x1"] * sx)))
+        y1 = min(original_size[1], int(np.ceil(comp["y1"] * sy)))
+        regions.append(
+            {
+                "x": x0,
+                "y": y0,
+                "width": x1 - x0,
+                "height": y1 - y0,
+                "peak_score": round(comp["peak"], 6),
+                "area_pct": round(100.0 * comp["pixels"] / total, 4),
+            }
+        )
+    return Analysis(mask=mask, anomalous_area_pct=area, regions=regions[:max_regions])
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """1-bit PNG of the mask (white = anomalous): a few KB even for megapixel images."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=bool)).convert("1").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
