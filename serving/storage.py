@@ -244,7 +244,7 @@ def default_client_config() -> Config:
     return Config(
         connect_timeout=float(os.environ.get("AWS_CONNECT_TIMEOUT", "2")),
         read_timeout=float(os.environ.get("AWS_READ_TIMEOUT", "5")),
-        retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))},
+        retries={"mode": "standard", "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))},
     )
 
 
