@@ -266,3 +266,50 @@ def test_proxy_response_mapping() -> None:
     assert ("x-a", "1") in resp.headers and ("set-cookie", "c=1") in resp.headers
     plain = to_http_response({"ok": True})
     assert (plain.status, json.loads(plain.body)) == (200, {"ok": True})
+
+
+def test_bad_content_length_is_400_not_a_dropped_connection(server_url: str) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    split = urlsplit(server_url)
+    with socket.create_connection((split.hostname, split.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /cameras/cam-1/images HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: abc\r\n\r\n"
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+
+
+def test_path_camera_wins_and_a_different_header_camera_is_400(server_url: str) -> None:
+    status, _, body = request(
+        f"{server_url}/cameras/cam-A/images",
+        png_bytes(),
+        {"Content-Type": "image/png", "X-Camera-Id": "cam-B", "X-Request-Id": "spoof-1"},
+    )
+    assert status == 400 and body["error"]["code"] == "camera_id_mismatch"
+
+
+def test_get_result_routes_over_http(server_url: str) -> None:
+    status, _, posted = request(
+        f"{server_url}/cameras/cam-get/images?regions=true",
+        png_bytes(colour=(10, 200, 10)),
+        {"Content-Type": "image/png", "Idempotency-Key": "get-1", "X-Captured-At": "2026-06-01T00:00:00Z"},
+    )
+    assert status == 200, posted
+    status, _, got = request(
+        f"{server_url}/cameras/cam-get/results/get-1?regions=true", None, {}, method="GET"
+    )
+    assert (status, got) == (200, posted)
+    status, _, listing = request(
+        f"{server_url}/cameras/cam-get/results?since=2026-01-01", None, {}, method="GET"
+    )
+    assert status == 200 and [r["request_id"] for r in listing["results"]] == ["get-1"]
+    status, _, missing = request(f"{server_url}/cameras/cam-get/results/nope", None, {}, method="GET")
+    assert status == 404 and missing["error"]["code"] == "result_not_found"
