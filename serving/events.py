@@ -295,7 +295,7 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str, 
     if image.format == "JPEG" and width * height > limits.working_pixels:
         shrink = math.sqrt(limits.working_pixels / (width * height))
         target = (max(limits.min_side, int(width * shrink)), max(limits.min_side, int(height * shrink)))
-        image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", target)
+        image.draft(None, target)  # keeps the mode (L, RGB, CMYK); scales by 1/2, 1/4 or 1/8
     decoded = image.size
     if decoded[0] * decoded[1] > limits.max_pixels:
         raise _too_large(width, height, decoded, limits)

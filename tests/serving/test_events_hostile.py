@@ -165,3 +165,15 @@ def test_bad_options_are_400(query: dict[str, str], code: str) -> None:
     event["queryStringParameters"] = query
     error = _error(event)
     assert (error.status, error.code) == (400, code)
+
+
+def test_png_text_chunk_bomb_is_refused() -> None:
+    """A zTXt chunk that inflates past 256 KiB is refused (Pillow's limits, lowered in events)."""
+    base = image_bytes(size=(32, 32))
+    payload = b"Comment\x00\x00" + zlib.compress(b"A" * 600_000, 9)  # under Pillow's 1 MB default
+    chunk = struct.pack(">I", len(payload) - 0) + b"zTXt" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"zTXt" + payload))
+    bomb = base[:33] + chunk + base[33:]  # right after IHDR
+    assert len(bomb) < 50_000
+    error = _error(v2_event(bomb, {"content-type": "image/png"}))
+    assert error.status == 422 and error.code in {"invalid_image", "image_too_large"}
