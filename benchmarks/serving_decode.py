@@ -5,8 +5,9 @@
 Each (size, format, configuration) runs in a fresh interpreter that loads the model, warms up
 on a small image, then serves one request through the real code path minus the network:
 ``parse_event`` (bounded decode) → score → analyse (mask, regions) → mask PNG → overlay PNG.
-Peak memory is ``ru_maxrss`` after the request minus ``ru_maxrss`` after the warm-up, i.e. what
-the request itself added on top of the loaded function. Configurations:
+Peak memory is the peak RSS during the request (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before it; Linux only) minus the RSS before it, i.e. what the request itself added on top of
+the loaded function. Configurations:
 
 * ``bounded``   — the defaults on a function of ``--memory-mb`` (memory-sized pixel cap, JPEG
   draft decoding, box-reduce to the 4 MP working size);
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO))
 SIZES = {"1 MP": (1155, 866), "12 MP": (4000, 3000), "40 MP": (7300, 5480)}
 
 CHILD = r"""
-import base64, json, resource, sys, time
+import base64, json, sys, time
 from PIL import Image
 from serving.answer import analyse, mask_png
 from serving.events import RequestError, RequestLimits, parse_event
@@ -61,7 +62,15 @@ import io
 small = io.BytesIO(); Image.new("RGB", (320, 240), (90, 90, 90)).save(small, format="PNG")
 serve(small.getvalue(), "image/png")
 data = open(path, "rb").read()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
+    fh.write("5")
+base = status_kb("VmRSS")
 t = time.perf_counter()
 try:
     request = serve(data, content_type)
@@ -69,7 +78,7 @@ try:
 except RequestError as exc:
     outcome = {"status": exc.status, "code": exc.code}
 elapsed = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kb("VmHWM")
 print(json.dumps({**outcome, "ms": elapsed * 1000, "peak_mb": (peak - base) / 1024, "rss_mb": peak / 1024}))
 """
 
@@ -100,6 +109,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = args.model_dir
+        if os.environ.get("SERVING_MODEL_DIR"):
+            model_dir = Path(os.environ["SERVING_MODEL_DIR"])
         if not (model_dir / "metadata.json").is_file():
             from tests.model_fixture import build_tiny_model
 

@@ -59,20 +59,32 @@ def upsample(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def _runs(row: np.ndarray) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` of the True runs in a 1-D bool row."""
-    padded = np.concatenate(([False], row, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+def _all_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, starts, stops)`` of every horizontal True run, row-major, in one numpy pass."""
+    height, width = mask.shape
+    padded = np.zeros((height, width + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    rows, cols = np.nonzero(np.diff(padded, axis=1))  # alternating run starts and stops per row
+    return rows[0::2], cols[0::2], cols[1::2]
 
 
 def label_regions(mask: np.ndarray, values: np.ndarray) -> list[dict[str, Any]]:
     """8-connected components of ``mask`` from row runs + union-find (no scipy in the image).
 
     Returns ``{"x0", "y0", "x1", "y1", "pixels", "peak"}`` per component in mask coordinates
-    (``x1``/``y1`` exclusive).
+    (``x1``/``y1`` exclusive). Python loops over runs only, not pixels.
     """
-    parent: list[int] = []
+    rows, starts, stops = _all_runs(np.asarray(mask, dtype=bool))
+    if rows.size == 0:
+        return []
+    # A sentinel after the last pixel keeps every run's end a valid index for reduceat.
+    flat = np.append(np.asarray(values, dtype=np.float32).reshape(-1), np.float32(-np.inf))
+    width = mask.shape[1]
+    bounds = np.empty(rows.size * 2, dtype=np.int64)
+    bounds[0::2] = rows * width + starts
+    bounds[1::2] = rows * width + stops
+    peaks = np.maximum.reduceat(flat, bounds)[0::2]  # max over each [start, stop)
+    parent = list(range(rows.size))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -80,25 +92,29 @@ def label_regions(mask: np.ndarray, values: np.ndarray) -> list[dict[str, Any]]:
             i = parent[i]
         return i
 
-    runs: list[tuple[int, int, int, int]] = []  # (y, start, stop, run id)
-    previous: list[tuple[int, int, int]] = []
-    for y in range(mask.shape[0]):
-        current: list[tuple[int, int, int]] = []
-        for start, stop in _runs(mask[y]):
-            rid = len(parent)
-            parent.append(rid)
-            for p_start, p_stop, p_id in previous:
-                if p_start <= stop and start <= p_stop:  # overlap incl. diagonal neighbours
-                    a, b = find(rid), find(p_id)
+    row_list, start_list, stop_list = rows.tolist(), starts.tolist(), stops.tolist()
+    prev_begin = prev_end = 0  # index range of the previous row's runs
+    i = 0
+    while i < len(row_list):
+        y = row_list[i]
+        j = i
+        while j < len(row_list) and row_list[j] == y:
+            j += 1
+        has_previous = prev_end > prev_begin and row_list[prev_begin] == y - 1
+        for k in range(i, j):
+            if not has_previous:
+                break
+            for m in range(prev_begin, prev_end):
+                if start_list[m] <= stop_list[k] and start_list[k] <= stop_list[m]:  # incl. diagonals
+                    a, b = find(k), find(m)
                     if a != b:
                         parent[max(a, b)] = min(a, b)
-            current.append((start, stop, rid))
-            runs.append((y, start, stop, rid))
-        previous = current
+        prev_begin, prev_end = i, j
+        i = j
     boxes: dict[int, dict[str, Any]] = {}
-    for y, start, stop, rid in runs:
-        root = find(rid)
-        peak = float(values[y, start:stop].max())
+    for k, (y, start, stop) in enumerate(zip(row_list, start_list, stop_list, strict=True)):
+        root = find(k)
+        peak = float(peaks[k])
         box = boxes.get(root)
         if box is None:
             boxes[root] = {

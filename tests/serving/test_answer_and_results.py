@@ -196,3 +196,40 @@ def test_emf_metrics_per_phase_camera_and_error(
     assert anomalies["camera_id"] == "cam-r" and "camera_id" in anomalies["dims"]
     (errors,) = by_metric["errors"]
     assert errors["error_code"] == "invalid_image" and errors["errors"] == [1.0]
+
+
+def test_label_regions_matches_a_flood_fill_on_random_masks() -> None:
+    """Run-based labelling = pixel flood fill (8-connectivity), incl. runs touching the last pixel."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        values = rng.random((23, 31)).astype(np.float32)
+        mask = values > 0.55
+        mask[-1, -1] = True
+        got = sorted(
+            (r["x0"], r["y0"], r["x1"], r["y1"], r["pixels"], r["peak"]) for r in label_regions(mask, values)
+        )
+        seen = np.zeros_like(mask)
+        expected = []
+        for y0, x0 in zip(*np.nonzero(mask), strict=True):
+            if seen[y0, x0]:
+                continue
+            stack, pixels = [(y0, x0)], []
+            seen[y0, x0] = True
+            while stack:
+                y, x = stack.pop()
+                pixels.append((y, x))
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = y + dy, x + dx
+                        if (
+                            0 <= ny < mask.shape[0]
+                            and 0 <= nx < mask.shape[1]
+                            and mask[ny, nx]
+                            and not seen[ny, nx]
+                        ):
+                            seen[ny, nx] = True
+                            stack.append((ny, nx))
+            ys, xs = zip(*pixels, strict=True)
+            peak = float(max(values[p] for p in pixels))
+            expected.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1, len(pixels), peak))
+        assert got == sorted(expected), trial
