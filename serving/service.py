@@ -237,9 +237,13 @@ class InferenceService:
         log: dict[str, Any],
         state: dict[str, Any],
     ) -> dict[str, Any]:
+        # API Gateway names the route (v2 routeKey, v1 resource); function URLs only give the path.
+        declared = event.get("routeKey") if event.get("routeKey") != "$default" else None
+        if not declared and event.get("resource"):
+            declared = f"GET {event['resource']}"
         matched = match_route("GET", path)
         params = {**(matched[1] if matched else {}), **(event.get("pathParameters") or {})}
-        route = matched[0] if matched else event.get("routeKey") or ""
+        route = declared or (matched[0] if matched else "")
         camera_id = _identifier(params.get("camera_id"), "camera_id", IDENTIFIER_RE)
         state["camera_id"] = camera_id
         query = _query(event)

@@ -233,3 +233,37 @@ def test_label_regions_matches_a_flood_fill_on_random_masks() -> None:
             peak = float(max(values[p] for p in pixels))
             expected.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1, len(pixels), peak))
         assert got == sorted(expected), trial
+
+
+def test_get_from_rest_v1_with_stage_prefix_and_from_function_url(aws_resources: str, scorer: Scorer) -> None:
+    """v1 names the route in ``resource`` (its ``path`` may carry a stage); function URLs give a path."""
+    service = _service(scorer)
+    posted = json.loads(_post(service, elpv_image_bytes(3), "v1-1")["body"])
+    v1 = {
+        "resource": "/cameras/{camera_id}/results/{request_id}",
+        "path": "/prod/cameras/cam-r/results/v1-1",
+        "httpMethod": "GET",
+        "headers": {},
+        "queryStringParameters": None,
+        "pathParameters": {"camera_id": "cam-r", "request_id": "v1-1"},
+        "requestContext": {"requestId": "gw", "stage": "prod"},
+        "body": None,
+        "isBase64Encoded": False,
+    }
+    response = service.handle(v1, None)
+    assert response["statusCode"] == 200 and json.loads(response["body"]) == posted
+    url = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/cameras/cam-r/results",
+        "rawQueryString": "",
+        "headers": {},
+        "requestContext": {
+            "requestId": "u",
+            "domainName": "abc.lambda-url.us-east-1.on.aws",
+            "http": {"method": "GET", "path": "/cameras/cam-r/results"},
+        },
+        "isBase64Encoded": False,
+    }
+    listing = json.loads(service.handle(url, None)["body"])
+    assert [r["request_id"] for r in listing["results"]] == ["v1-1"]
