@@ -27,6 +27,9 @@ from tests.serving.fault_proxy import FaultProxy
 
 CAPTURED_AT = "2026-03-04T05:06:07Z"
 MAX_CALLS = 4  # the client's own retries (each call also has boto's 2 attempts)
+READ_TIMEOUT_S = 2.0
+# Longer than both timed-out attempts plus backoff, so the tombstone lands before the late writes.
+LATE_WRITE_DELAY_S = 9.0
 
 
 @pytest.fixture
@@ -41,7 +44,9 @@ def proxy(aws_resources: str) -> Iterator[FaultProxy]:
 def _service(scorer: Scorer, endpoint: str, store_original: bool = False) -> InferenceService:
     """The real service with boto3 clients that go through ``endpoint`` (the proxy)."""
     config = Config(
-        connect_timeout=1.0, read_timeout=1.0, retries={"mode": "standard", "total_max_attempts": 2}
+        connect_timeout=2.0,
+        read_timeout=READ_TIMEOUT_S,
+        retries={"mode": "standard", "total_max_attempts": 2},
     )
     store = ResultStore(
         TABLE,
@@ -114,7 +119,7 @@ SCENARIOS: dict[str, tuple[list[tuple[Any, ...]], str, int]] = {
     "put_503": ([("dynamodb:PutItem", "status_503", 2)], "dynamodb", 503),
     "put_500": ([("dynamodb:PutItem", "status_500", 2)], "dynamodb", 503),
     "put_connection_closed": ([("dynamodb:PutItem", "close_before", 2)], "dynamodb", 503),
-    "put_lands_after_timeout": ([("dynamodb:PutItem", "delay", 2, 4.0)], "dynamodb", 503),
+    "put_lands_after_timeout": ([("dynamodb:PutItem", "delay", 2, LATE_WRITE_DELAY_S)], "dynamodb", 503),
     "put_lost_and_tombstone_fails": (
         [("dynamodb:PutItem", "drop_after_write", 2), ("dynamodb:UpdateItem", "status_500", 2)],
         "dynamodb",
@@ -145,7 +150,7 @@ def test_every_fault_leaves_storage_consistent(name: str, proxy: FaultProxy, sco
     event = _event(elpv_image_bytes(1), key=f"key-{name}")
 
     responses = _call_until_settled(service, event)
-    proxy.wait_idle()  # delayed writes have landed (or been refused) before we look
+    proxy.wait_idle(timeout=2 * LATE_WRITE_DELAY_S)  # late writes have landed (or been refused)
 
     assert proxy.fired(), "the fault never fired: the scenario tests nothing"
     statuses = [r["statusCode"] for r in responses]
