@@ -238,7 +238,10 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _identifier(value: Any, field: str, pattern: re.Pattern[str] = IDENTIFIER_RE, extra: str = "") -> str:
+def validate_identifier(
+    value: Any, field: str, pattern: re.Pattern[str] = IDENTIFIER_RE, extra: str = ""
+) -> str:
+    """``value`` as a key-safe identifier (DynamoDB key, S3 key segment), else 400 ``invalid_<field>``."""
     text = str(value).strip() if value is not None else ""
     if not pattern.match(text):
         raise RequestError(
@@ -316,7 +319,7 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str, 
     return image, content_type, (width, height)
 
 
-def _query(event: dict[str, Any]) -> dict[str, str]:
+def query_parameters(event: dict[str, Any]) -> dict[str, str]:
     """Query parameters of v1 / v2 / function-URL events (v2 joins repeats with ',')."""
     return {str(k): str(v) for k, v in (event.get("queryStringParameters") or {}).items() if v is not None}
 
@@ -395,7 +398,8 @@ def _camera_id(
         ("body", json_fields.get("camera_id")),
         ("x-camera-id header", headers.get("x-camera-id")),
     ]
-    given = [(where, _identifier(value, "camera_id")) for where, value in sources if value not in (None, "")]
+    present = [(where, value) for where, value in sources if value not in (None, "")]
+    given = [(where, validate_identifier(value, "camera_id")) for where, value in present]
     if not given:
         if limits.require_camera_id:
             raise RequestError(
@@ -403,7 +407,7 @@ def _camera_id(
                 "missing_camera_id",
                 "camera_id is required (JSON field, x-camera-id header or path parameter)",
             )
-        return _identifier(limits.default_camera_id, "camera_id")
+        return validate_identifier(limits.default_camera_id, "camera_id")
     first_where, camera = given[0]
     for where, other in given[1:]:
         if other != camera:
@@ -486,11 +490,11 @@ def parse_event(
         captured_at = normalise_timestamp(headers["x-captured-at"])
     else:
         captured_at = utc_now()
-    threshold, sensitivity, mask, regions = parse_answer_options(json_fields, _query(event))
+    threshold, sensitivity, mask, regions = parse_answer_options(json_fields, query_parameters(event))
 
     client_id = headers.get("idempotency-key") or headers.get("x-request-id")
     if client_id:
-        request_id = _identifier(client_id, "request_id", REQUEST_ID_RE, ", '=', '+'")
+        request_id = validate_identifier(client_id, "request_id", REQUEST_ID_RE, ", '=', '+'")
     else:
         context_id = (event.get("requestContext") or {}).get("requestId")
         request_id = _server_request_id(str(context_id or fallback_request_id or uuid.uuid4().hex))

@@ -34,11 +34,11 @@ from serving.events import (
     REQUEST_ID_RE,
     RequestError,
     RequestLimits,
-    _identifier,
-    _query,
     normalise_timestamp,
     parse_answer_options,
     parse_event,
+    query_parameters,
+    validate_identifier,
 )
 from serving.routes import RESULT_ROUTE, RESULTS_ROUTE, event_method_and_path, match_route
 from serving.scoring import Scorer, ScoringError, overlay
@@ -244,13 +244,14 @@ class InferenceService:
         matched = match_route("GET", path)
         params = {**(matched[1] if matched else {}), **(event.get("pathParameters") or {})}
         route = declared or (matched[0] if matched else "")
-        camera_id = _identifier(params.get("camera_id"), "camera_id", IDENTIFIER_RE)
+        camera_id = validate_identifier(params.get("camera_id"), "camera_id", IDENTIFIER_RE)
         state["camera_id"] = camera_id
-        query = _query(event)
+        query = query_parameters(event)
         presentation = {k: v for k, v in query.items() if k in ("mask", "regions")}
         _, _, mask, regions = parse_answer_options({}, presentation)
         if route == " ".join(RESULT_ROUTE):
-            request_id = _identifier(params.get("request_id"), "request_id", REQUEST_ID_RE, ", '=', '+'")
+            raw_id = params.get("request_id")
+            request_id = validate_identifier(raw_id, "request_id", REQUEST_ID_RE, ", '=', '+'")
             state["request_id"] = request_id
             logger.set_correlation_id(request_id)
             item = self.store.get(camera_id, request_id)
