@@ -16,6 +16,7 @@ import json
 import shlex
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -113,7 +114,7 @@ def deploy_template(
     if status and status.endswith("_IN_PROGRESS"):
         raise DeployError(f"stack {stack_name} is busy ({status}); wait for it to finish and deploy again")
     change_type = "CREATE" if status in (None, "REVIEW_IN_PROGRESS") else "UPDATE"
-    name = f"deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    name = f"deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     log(f"{stack_name}: {change_type.lower()} change set {name}")
     change_set = cfn.create_change_set(
         StackName=stack_name,

@@ -43,13 +43,12 @@ from constructs import Construct
 
 from infra.config import StageConfig
 from serving.local_server import ROUTES
-from serving.storage import TABLE_SCHEMA
+from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
 
 # Where the Dockerfile puts the promoted model (${LAMBDA_TASK_ROOT}/serving/model).
 IMAGE_MODEL_DIR = "/var/task/serving/model"
 # Binary bodies API Gateway must base64-encode for the handler (serving.events.IMAGE_CONTENT_TYPES).
 BINARY_MEDIA_TYPES = ("image/jpeg", "image/jpg", "image/png")
-TTL_ATTRIBUTE = "expires_at"  # epoch seconds, written by serving.storage when RESULTS_TTL_DAYS is set
 # S3 objects outlive their DynamoDB item by this much: DynamoDB TTL deletes lazily (typically
 # within days), and a record must never point at an object lifecycle already removed.
 S3_EXPIRY_GRACE_DAYS = 7
@@ -202,10 +201,12 @@ class InspectionStack(cdk.Stack):
             f"{self.table.table_arn}/index/{g['IndexName']}"
             for g in TABLE_SCHEMA.get("GlobalSecondaryIndexes", [])
         ]
+        # UpdateItem: the store settles a put whose outcome was lost (a retried write) by updating
+        # its own item; Query: the GET result routes list a camera's results on the time index.
         role.add_to_policy(
             iam.PolicyStatement(
                 sid="ResultsTable",
-                actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"],
+                actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
                 resources=[self.table.table_arn, *index_arns],
             )
         )
@@ -214,6 +215,15 @@ class InspectionStack(cdk.Stack):
                 sid="ResultsObjects",
                 actions=["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
                 resources=[self.bucket.arn_for_objects(f"{self.config.results_prefix}*")],
+            )
+        )
+        # Listing (to sweep objects a failed write left) is limited to keys under the prefix.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ListOwnPrefix",
+                actions=["s3:ListBucket"],
+                resources=[self.bucket.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": [f"{self.config.results_prefix}*"]}},
             )
         )
         role.add_to_policy(

@@ -23,6 +23,7 @@ Endpoints come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ENDP
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -282,6 +283,7 @@ class ResultStore:
         if "original" in bodies:
             item["original_key"] = keys["original"]
             item["original_uri"] = self.uri(keys["original"])
+        item.update(expiry_attributes())
         try:
             self.dynamodb.put_item(
                 TableName=self.table_name,
@@ -331,3 +333,23 @@ def create_resources(
     dynamodb.get_waiter("table_exists").wait(
         TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
     )
+
+
+TTL_ATTRIBUTE = "expires_at"
+
+
+def expiry_attributes(now: float | None = None) -> dict[str, int]:
+    """``{"expires_at": epoch seconds}`` when ``RESULTS_TTL_DAYS`` is set, else ``{}``.
+
+    The deployed table (infra/) expires items on this attribute (DynamoDB TTL) when the stage has a
+    retention period, and the bucket's lifecycle rule expires the objects some days later: both
+    count from the write, so an item is gone before the overlay it points at.
+    """
+    days = os.environ.get("RESULTS_TTL_DAYS", "").strip()
+    if not days:
+        return {}
+    try:
+        seconds = float(days) * 86400
+    except ValueError as exc:
+        raise ConfigurationError(f"RESULTS_TTL_DAYS={days!r} is not a number of days") from exc
+    return {TTL_ATTRIBUTE: int((time.time() if now is None else now) + seconds)}

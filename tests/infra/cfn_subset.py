@@ -22,6 +22,8 @@ MOTO_UNSUPPORTED_TYPES = frozenset(
         "AWS::Lambda::Permission",
         "AWS::ApiGateway::Deployment",
         "AWS::ApiGateway::Stage",
+        "AWS::CloudWatch::Alarm",
+        "AWS::SNS::Subscription",
     }
 )
 

@@ -15,10 +15,10 @@ from aws_cdk.assertions import Match, Template
 
 from infra.config import MAX_DELIVERABLE_BODY_BYTES
 from infra.deploy import MAX_TEMPLATE_BODY_BYTES
-from infra.stack import BINARY_MEDIA_TYPES, S3_EXPIRY_GRACE_DAYS, TTL_ATTRIBUTE
+from infra.stack import BINARY_MEDIA_TYPES, S3_EXPIRY_GRACE_DAYS, route_path_pattern
 from serving.events import IMAGE_CONTENT_TYPES
 from serving.local_server import ROUTES
-from serving.storage import TABLE_SCHEMA
+from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
 from tests.infra.conftest import IMAGE_TAG, Synth
 
 LABELS = ("dev", "prod", "full")
@@ -172,10 +172,16 @@ def test_function_role_is_least_privilege(synth: Synth, label: str) -> None:
             assert len(owners) == 1, text
             if "*" in text:
                 assert owners == [bucket_id] and f'"/{config.results_prefix}*"' in text, text
+        if actions == ["s3:ListBucket"]:  # the bucket itself, only for keys under the prefix
+            assert statement["Condition"] == {"StringLike": {"s3:prefix": [f"{config.results_prefix}*"]}}
+        else:
+            assert "Condition" not in statement
     assert set(granted) == {
         "dynamodb:GetItem",
         "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
         "dynamodb:Query",
+        "s3:ListBucket",
         "s3:PutObject",
         "s3:GetObject",
         "s3:DeleteObject",
@@ -281,7 +287,7 @@ def test_alarms_dashboard_logs_and_camera_policy(synth: Synth, label: str) -> No
     assert [s["Action"] for s in statements] == ["execute-api:Invoke"]
     invoke = json.dumps(statements[0]["Resource"])
     for method, route in ROUTES:
-        assert f"/{config.stage}/{method}{route.replace('{camera_id}', '*')}" in invoke.replace('"', "")
+        assert f"/{config.stage}/{method}{route_path_pattern(route)}" in invoke.replace('"', "")
 
 
 @pytest.mark.parametrize("label", LABELS)
