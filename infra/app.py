@@ -3,9 +3,6 @@
 Without ``--stage`` every stage in ``params.yaml: deploy.stages`` is synthesized. Templates go to
 ``build/cdk.out/<stack>.template.json`` (``--out`` to change). ``image_tag`` (or ``image_digest``)
 must be given as context: it is the tag ``python -m serving.release`` pushed to ECR.
-
-The same file works as a CDK CLI app (``cdk.json``: ``"app": "python -m infra.app"``): context
-given with ``cdk -c KEY=VALUE`` reaches the stacks exactly as ``--context`` does here.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from infra.config import REPO_ROOT, ConfigError, StageConfig, load_stage, parse_
 from infra.stack import InspectionStack
 
 DEFAULT_OUT = REPO_ROOT / "build" / "cdk.out"
-_KNOBS = [name for name in StageConfig.__dataclass_fields__ if name != "stage"]
 
 
 def build_app(
@@ -50,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     try:
-        probe = cdk.App()  # context passed by the CDK CLI (cdk -c KEY=VALUE), if run that way
-        context: dict[str, Any] = {k: v for k in _KNOBS if (v := probe.node.try_get_context(k)) is not None}
-        context.update(parse_context(args.context))
-        stages = args.stage or probe.node.try_get_context("stages") or stage_names()
-        if isinstance(stages, str):
-            stages = stages.split(",")
-        configs = [load_stage(stage, context) for stage in stages]
+        context = parse_context(args.context)
+        configs = [load_stage(stage, context) for stage in args.stage or stage_names()]
     except ConfigError as exc:
         print(f"infra: {exc}", file=sys.stderr)
         return 2
