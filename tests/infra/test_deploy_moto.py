@@ -141,6 +141,58 @@ def test_stack_deploys_to_local_cloudformation_and_the_handler_writes_to_its_res
     )
 
 
+def test_function_role_may_write_its_prefix_only_under_enforced_iam(synth: Synth, aws_env: str) -> None:
+    """With moto's IAM enforcement on, the created role's credentials write objects under the
+    stage's prefix and are denied anywhere else. (moto evaluates S3 object ARNs; for DynamoDB it
+    matches every action against ``*``, which a least-privilege policy never grants, so table
+    access cannot be checked this way: test_stack.py checks those statements.)"""
+    import urllib.request
+
+    from botocore.exceptions import ClientError
+
+    config = synth.configs["full"]
+    template, _ = moto_subset(synth.template("full"))
+    cfn = boto3.client("cloudformation")
+    deploy_template(cfn, config.stack_name, template, poll=0.1, log=lambda _: None)
+    created = {
+        r["ResourceType"]: r["PhysicalResourceId"]
+        for r in cfn.list_stack_resources(StackName=config.stack_name)["StackResourceSummaries"]
+    }
+    bucket = created["AWS::S3::Bucket"]
+    boto3.client("s3").create_bucket(Bucket="someone-elses-bucket")
+    role_arn = boto3.client("iam").get_role(RoleName=created["AWS::IAM::Role"])["Role"]["Arn"]
+    creds = boto3.client("sts").assume_role(RoleArn=role_arn, RoleSessionName="function")["Credentials"]
+    s3 = boto3.client(
+        "s3",
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["SessionToken"],
+    )
+
+    def enforce(count: str) -> None:
+        request = urllib.request.Request(
+            f"{aws_env}/moto-api/reset-auth",
+            data=count.encode(),
+            headers={"content-type": "text/plain"},  # a form type would be parsed away
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+
+    enforce("0")  # from now on every call is authenticated and authorized
+    try:
+        key = f"{config.results_prefix}cam/2026/01/01/r-overlay.png"
+        s3.put_object(Bucket=bucket, Key=key, Body=b"png")
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"png"
+        s3.delete_object(Bucket=bucket, Key=key)
+        for target_bucket, target_key in ((bucket, "elsewhere/x.png"), ("someone-elses-bucket", key)):
+            with pytest.raises(ClientError, match="AccessDenied"):
+                s3.put_object(Bucket=target_bucket, Key=target_key, Body=b"png")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.delete_bucket(Bucket=bucket)
+    finally:
+        enforce("inf")
+
+
 def test_deploy_refuses_a_stack_that_is_busy_or_rolled_back() -> None:
     class FakeStatus:
         """Only ``describe_stacks`` is needed: the refusal happens before any change set."""

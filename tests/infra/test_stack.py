@@ -302,5 +302,5 @@ def test_cfn_lint_is_clean(synth: Synth) -> None:
     from cfnlint.api import lint
 
     for label in LABELS:
-        matches = lint(json.dumps(synth.template(label)), regions=["us-east-1", "eu-central-1"])
+        matches = lint(json.dumps(synth.template(label)), regions=["us-east-1"])
         assert [str(m) for m in matches] == [], label
