@@ -12,6 +12,7 @@ update is rolled back by CloudFormation, so a fault never leaves a half-updated 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -190,9 +191,13 @@ def deploy_stage(config: StageConfig, *, region: str | None = None, cfn: Any = N
 
 def deploy_steps(config: StageConfig, *, region: str | None) -> list[str]:
     """Human-readable deploy steps (``--dry-run``), with the equivalent commands."""
-    context = ["--context", f"image_tag={config.image_tag}"] if config.image_tag else []
-    if config.image_digest:
-        context = ["--context", f"image_digest={config.image_digest}"]
+    # Every knob that differs from params.yaml goes on the command line, so it reproduces `config`.
+    base = dataclasses.asdict(load_stage(config.stage, require_image=False))
+    context: list[str] = []
+    for key, value in dataclasses.asdict(config).items():
+        if value != base[key]:
+            text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            context += ["--context", f"{key}={text}"]
     synth = ["python", "-m", "infra.app", "--stage", config.stage, *context]
     return [
         f"synth {config.stack_name}: {shlex.join(synth)}",

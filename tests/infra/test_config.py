@@ -88,3 +88,38 @@ def test_synth_cli_refuses_without_an_image_before_synthesizing(tmp_path: Path) 
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("infra: no image: pass --context image_tag=")
     assert not (tmp_path / "out").exists()
+
+
+def test_deploy_dry_run_prints_a_synth_command_that_reproduces_the_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from infra.app import main as synth_main
+    from infra.deploy import main as deploy_main
+
+    argv = [
+        "--stage",
+        "prod",
+        "--image-tag",
+        "v3-abc1234",
+        "-c",
+        "memory_mb=4096",
+        "-c",
+        "alarm_email=a@b.io",
+    ]
+    assert deploy_main([*argv, "--dry-run"]) == 0
+    synth_line, deploy_line = capsys.readouterr().out.strip().splitlines()
+    assert synth_line == (
+        "synth visual-inspection-prod: python -m infra.app --stage prod --context image_tag=v3-abc1234 "
+        "--context memory_mb=4096 --context alarm_email=a@b.io"
+    )
+    assert deploy_line.startswith("deploy visual-inspection-prod to <AWS region from the environment>")
+    # The printed command's arguments give the same config (parsed here without synthesizing).
+    words = synth_line.split(": ", 1)[1].split()[3:]
+    pairs = [words[i + 1] for i in range(2, len(words), 2)]
+    assert load_stage("prod", parse_context(pairs)) == load_stage(
+        "prod", {"image_tag": "v3-abc1234", "memory_mb": "4096", "alarm_email": "a@b.io"}
+    )
+    assert deploy_main(["--stage", "prod", "--dry-run"]) == 2
+    assert "no image" in capsys.readouterr().err
+    assert synth_main(["--stage", "prod", "-c", "image_tag=t", "-c", "timeout_s=99"]) == 2
+    assert capsys.readouterr().err.strip() == "infra: timeout_s 99: must be a number from 1 to 29"
