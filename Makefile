@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data repro test lint ui bench clean
+.PHONY: setup data repro test lint ui bench clean deploy
 
 setup: $(VENV)/.installed data
 
@@ -46,6 +46,12 @@ ui: $(VENV)/.installed
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/serving.py
+
+# Release the promoted model and deploy a stage: checks → docker build/push to ECR → CloudFormation.
+#   make deploy [STAGE=prod] [DRY_RUN=1] [CONTEXT="memory_mb=4096 retention_days=30"]
+STAGE ?= dev
+deploy: $(VENV)/.installed
+	$(BIN)/python -m serving.release --stage $(STAGE) $(if $(DRY_RUN),--dry-run) $(foreach c,$(CONTEXT),--context $(c))
 
 clean:
 	rm -rf build mlartifacts mlflow.db

@@ -13,13 +13,20 @@ the standard AWS environment variables, so a local AWS endpoint works too); Dock
 driven through its CLI, and :func:`docker_commands` only *builds* the argv lists so that
 they can be printed (``--dry-run``) and tested without a Docker engine.
 
-Runs in the main (training) venv: it needs mlflow and PyYAML, which the image does not.
+After the push, the stage's CloudFormation stack (``infra/``, ``--stage``, default ``dev``) is
+deployed with the pushed tag, so one command takes a promoted model to a running API
+(``--no-deploy`` stops after the push). ``--dry-run`` prints every step (checks, docker commands,
+synth and deploy) and needs no AWS credentials or region: without them it shows placeholders
+instead of looking anything up.
+
+Runs in the main (training) venv: it needs mlflow, PyYAML and aws-cdk-lib, which the image does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import shlex
 import subprocess
@@ -198,11 +205,15 @@ def docker_commands(
     dockerfile: Path,
     local_name: str,
     docker: str = "docker",
+    platform: str = "linux/amd64",
 ) -> list[DockerCommand]:
-    """The login, build, tag and push invocations, in order (argv lists, nothing is run)."""
+    """The login, build, tag and push invocations, in order (argv lists, nothing is run).
+
+    ``platform`` must match the function's architecture (the stage's ``architecture`` knob).
+    """
     local_image = f"{local_name}:{tag}"
     remote_image = f"{repository_uri}:{tag}"
-    build = [docker, "build", "--file", str(dockerfile), "--platform", "linux/amd64", "--tag", local_image]
+    build = [docker, "build", "--file", str(dockerfile), "--platform", platform, "--tag", local_image]
     for key in sorted(build_args):
         build += ["--build-arg", f"{key}={build_args[key]}"]
     build.append(str(context))
@@ -239,6 +250,8 @@ class ReleasePlan:
     tag: str
     repository_created: bool
     commands: list[DockerCommand]
+    region: str | None = None
+    summary: str = ""
 
 
 def plan_release(
@@ -252,30 +265,61 @@ def plan_release(
     dry_run: bool,
     docker: str = "docker",
     context: Path = REPO_ROOT,
+    platform: str = "linux/amd64",
 ) -> ReleasePlan:
     """Check the model against the registry, prepare ECR and return the docker commands.
 
-    In ``dry_run`` mode nothing in AWS is changed (no repository is created).
+    In ``dry_run`` mode nothing in AWS is changed (no repository is created, no login token is
+    requested); without a region or credentials nothing is even looked up and the plan shows
+    placeholders. A real run refuses early, before building, when either is missing.
     """
     import boto3
 
     meta = load_promoted(model_dir)
     check_champion(meta, tracking_uri=tracking_uri, model_name=model_name, alias=alias)
     tag = image_tag(meta.registry_version, git_commit(context, short=True))
+    summary = (
+        f"serving model = {model_name}@{alias}: version {meta.registry_version}, run {meta.run_id}, "
+        f"sha256 {meta.model_sha256[:12]}"
+    )
 
-    ecr = boto3.client("ecr", region_name=region)
-    try:
-        repo_uri, created = ensure_repository(ecr, repository, create=not dry_run)
-        login = registry_login(ecr)
-    except ecr.exceptions.RepositoryNotFoundException:
-        # Dry run against an account without the repository: show where it would go.
-        account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
-        host = f"{account}.dkr.ecr.{ecr.meta.region_name}.amazonaws.com"
-        repo_uri, created = f"{host}/{repository}", False
-        login = RegistryLogin(registry=f"https://{host}", username="AWS", password="<not requested>")
-        print(
-            f"(dry run) ECR repository {repository!r} does not exist; a real run creates it", file=sys.stderr
+    session = boto3.session.Session(region_name=region)
+    region = session.region_name
+    has_credentials = session.get_credentials() is not None
+    if not dry_run and region is None:
+        raise ReleaseError("no AWS region: pass --region or set AWS_REGION (or a profile's region)")
+    if not dry_run and not has_credentials:
+        raise ReleaseError(
+            "no AWS credentials: set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "(or run where an IAM role provides them)"
         )
+    created = False
+    if region is None or not has_credentials:  # dry run only (checked above)
+        missing = " and ".join(
+            n for n, gone in (("region", region is None), ("credentials", not has_credentials)) if gone
+        )
+        host = f"<account>.dkr.ecr.{region or '<region>'}.amazonaws.com"
+        repo_uri = f"{host}/{repository}"
+        login = RegistryLogin(registry=f"https://{host}", username="AWS", password="<not requested>")
+        print(f"(dry run) no AWS {missing}: showing placeholders, nothing was looked up", file=sys.stderr)
+    elif dry_run:  # read-only look-ups: where the image would go
+        ecr = session.client("ecr")
+        try:
+            repo_uri, _ = ensure_repository(ecr, repository, create=False)
+        except ecr.exceptions.RepositoryNotFoundException:
+            account = session.client("sts").get_caller_identity()["Account"]
+            repo_uri = f"{account}.dkr.ecr.{region}.amazonaws.com/{repository}"
+            print(
+                f"(dry run) ECR repository {repository!r} does not exist; a real run creates it",
+                file=sys.stderr,
+            )
+        login = RegistryLogin(
+            registry=f"https://{repo_uri.split('/')[0]}", username="AWS", password="<not requested>"
+        )
+    else:
+        ecr = session.client("ecr")
+        repo_uri, created = ensure_repository(ecr, repository, create=True)
+        login = registry_login(ecr)
 
     build_args = {
         "MODEL_VERSION": meta.registry_version,
@@ -292,8 +336,16 @@ def plan_release(
         dockerfile=context / "Dockerfile",
         local_name=repository,
         docker=docker,
+        platform=platform,
     )
-    return ReleasePlan(image=f"{repo_uri}:{tag}", tag=tag, repository_created=created, commands=commands)
+    return ReleasePlan(
+        image=f"{repo_uri}:{tag}",
+        tag=tag,
+        repository_created=created,
+        commands=commands,
+        region=region,
+        summary=summary,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,17 +353,28 @@ def main(argv: list[str] | None = None) -> int:
     params = read_params()
     registry = params.get("registry", {})
     parser = argparse.ArgumentParser(prog="python -m serving.release", description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="check and print the docker commands only")
+    parser.add_argument("--dry-run", action="store_true", help="check and print every step only")
     parser.add_argument("--repository", default=registry.get("model_name", "visual-inspection"))
     parser.add_argument("--region", default=None, help="AWS region (default: AWS_REGION / AWS config)")
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / params["serving"]["model_dir"])
     parser.add_argument("--docker", default="docker", help="docker CLI executable")
+    parser.add_argument("--stage", default="dev", help="stage to deploy (params.yaml deploy.stages)")
+    parser.add_argument(
+        "--context", "-c", action="append", default=[], metavar="KEY=VALUE", help="override a deploy knob"
+    )
+    parser.add_argument("--no-deploy", action="store_true", help="stop after pushing the image")
     args = parser.parse_args(argv)
 
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from infra.config import ConfigError, load_stage, parse_context
+    from infra.deploy import DeployError, deploy_steps, with_image
+
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     try:
+        # The stage's knobs are checked before anything is built: a bad one costs no build.
+        context = {"ecr_repository": args.repository, **parse_context(args.context)}
+        stage = load_stage(args.stage, context, require_image=False)
         plan = plan_release(
             model_dir=args.model_dir,
             repository=args.repository,
@@ -321,22 +384,42 @@ def main(argv: list[str] | None = None) -> int:
             alias=registry.get("alias", "champion"),
             dry_run=args.dry_run,
             docker=args.docker,
+            platform=stage.docker_platform,
         )
+        target = with_image(stage, tag=plan.tag, repository=args.repository)
         if args.dry_run:
+            print(f"step 1 check: {plan.summary}")
+            print(f"step 2 build and push {plan.image} ({stage.docker_platform}):")
             for cmd in plan.commands:
-                print(cmd.display())
+                print(f"  {cmd.display()}")
+            if not args.no_deploy:
+                print(f"step 3 deploy stage {stage.stage}:")
+                for line in deploy_steps(target, region=plan.region):
+                    print(f"  {line}")
             return 0
         if plan.repository_created:
             print(f"created ECR repository {args.repository}", file=sys.stderr)
         run_commands(plan.commands)
-    except ReleaseError as exc:
+        print(plan.image)
+        if not args.no_deploy:
+            result = deploy_stage(target, region=plan.region)
+            print(
+                json.dumps({"stack": result.stack_name, "action": result.action, **result.outputs}, indent=2)
+            )
+    except (ReleaseError, ConfigError) as exc:
         print(f"release refused: {exc}", file=sys.stderr)
         return 2
-    except (PublishError, BotoCoreError, ClientError) as exc:
+    except (PublishError, DeployError, BotoCoreError, ClientError) as exc:
         print(f"release failed: {exc}", file=sys.stderr)
         return 1
-    print(plan.image)
     return 0
+
+
+def deploy_stage(config: Any, *, region: str | None) -> Any:
+    """Deploy ``config``'s stack (``infra.deploy.deploy_stage``; imported late: it needs aws-cdk-lib)."""
+    from infra.deploy import deploy_stage as deploy
+
+    return deploy(config, region=region)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import base64
 import binascii
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -462,6 +463,7 @@ class ResultStore:
         if "original" in bodies:
             item["original_key"] = keys["original"]
             item["original_uri"] = self.uri(keys["original"])
+        item.update(expiry_attributes())
         try:
             self.dynamodb.put_item(
                 TableName=self.table_name,
@@ -600,3 +602,23 @@ def create_resources(
     dynamodb.get_waiter("table_exists").wait(
         TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
     )
+
+
+TTL_ATTRIBUTE = "expires_at"
+
+
+def expiry_attributes(now: float | None = None) -> dict[str, int]:
+    """``{"expires_at": epoch seconds}`` when ``RESULTS_TTL_DAYS`` is set, else ``{}``.
+
+    The deployed table (infra/) expires items on this attribute (DynamoDB TTL) when the stage has a
+    retention period, and the bucket's lifecycle rule expires the objects some days later: both
+    count from the write, so an item is gone before the overlay it points at.
+    """
+    days = os.environ.get("RESULTS_TTL_DAYS", "").strip()
+    if not days:
+        return {}
+    try:
+        seconds = float(days) * 86400
+    except ValueError as exc:
+        raise ConfigurationError(f"RESULTS_TTL_DAYS={days!r} is not a number of days") from exc
+    return {TTL_ATTRIBUTE: int((time.time() if now is None else now) + seconds)}

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -121,7 +123,7 @@ def _git_short() -> str:
 def test_release_creates_repo_logs_in_builds_tags_and_pushes(
     env: Registry, promoted: Path, fake_docker: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert release.main(["--model-dir", str(promoted), "--region", "us-east-1"]) == 0
+    assert release.main(["--model-dir", str(promoted), "--region", "us-east-1", "--no-deploy"]) == 0
 
     ecr = boto3.client("ecr", region_name="us-east-1")
     repos = ecr.describe_repositories()["repositories"]
@@ -185,16 +187,151 @@ def test_dry_run_prints_commands_and_changes_nothing(
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert [line.split()[1] for line in lines] == ["login", "build", "tag", "push"]
-    assert "redacted" in lines[0]
-    assert f"v1-{_git_short()}" in lines[-1]
+    docker_lines = [line.split() for line in lines if line.startswith("  docker ")]
+    assert [words[1] for words in docker_lines] == ["login", "build", "tag", "push"]
+    assert "redacted" in " ".join(docker_lines[0])
+    repo_uri = "123456789012.dkr.ecr.us-east-1.amazonaws.com/visual-inspection"  # moto's account
+    assert docker_lines[-1][-1] == f"{repo_uri}:v1-{_git_short()}"
+    assert any(line.startswith("step 3 deploy stage dev") for line in lines)
     assert not fake_docker.exists()  # docker never ran
     assert boto3.client("ecr", region_name="us-east-1").describe_repositories()["repositories"] == []
 
 
-def _refusal(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    assert release.main(["--model-dir", str(model_dir), "--region", "us-east-1"]) == 2
+def _refusal(model_dir: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    assert release.main(["--model-dir", str(model_dir), "--region", "us-east-1", *extra]) == 2
     return capsys.readouterr().err
+
+
+def _empty_aws_env(tracking_uri: str, tmp_path: Path) -> dict[str, str]:
+    """The process environment with every AWS variable removed and no config/credential files.
+
+    Instance-metadata look-ups are switched off so a missing credential is never searched for on
+    the network.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
+        AWS_EC2_METADATA_DISABLED="true",
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
+    return env
+
+
+def test_dry_run_needs_no_aws_credentials_or_region(
+    registry: Registry, promoted: Path, fake_docker: Path, tmp_path: Path
+) -> None:
+    registry.point_champion_at("1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.release",
+            "--dry-run",
+            "--model-dir",
+            str(promoted),
+            "--stage",
+            "prod",
+        ],
+        cwd=REPO,
+        env=_empty_aws_env(registry.tracking_uri, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no AWS region and credentials" in proc.stderr
+    out = proc.stdout
+    tag = f"v1-{_git_short()}"
+    assert out.startswith("step 1 check: serving model = visual-inspection@champion: version 1")
+    image = f"<account>.dkr.ecr.<region>.amazonaws.com/visual-inspection:{tag}"
+    assert f"step 2 build and push {image} (linux/amd64)" in out
+    assert f"docker push {shlex.quote(image)}" in out
+    assert "step 3 deploy stage prod:" in out
+    assert f"python -m infra.app --stage prod --context image_tag={tag}" in out
+    assert "deploy visual-inspection-prod to <AWS region from the environment>" in out
+    assert not fake_docker.exists()
+
+
+def test_real_release_without_region_is_refused_before_building(
+    registry: Registry,
+    promoted: Path,
+    fake_docker: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry.point_champion_at("1")
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in _empty_aws_env(registry.tracking_uri, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert release.main(["--model-dir", str(promoted)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "release refused: no AWS region: pass --region or set AWS_REGION (or a profile's region)"
+    )
+    assert not fake_docker.exists()
+
+
+def test_release_deploys_the_stage_with_the_pushed_tag(
+    env: Registry,
+    promoted: Path,
+    fake_docker: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """build → push → deploy: the deploy step receives exactly the image that was pushed.
+
+    The deploy itself (synth + CloudFormation change set) is exercised against moto's
+    CloudFormation in tests/infra/test_deploy_moto.py; here it is recorded, because moto cannot
+    create the whole stack (see tests/infra/cfn_subset.py).
+    """
+    from infra.deploy import DeployResult
+
+    deployed = []
+
+    def record(config: Any, *, region: str | None) -> DeployResult:
+        deployed.append((config, region, fake_docker.read_text().count("\n")))
+        return DeployResult(config.stack_name, "created", {"ApiUrl": "https://example/prod/"})
+
+    monkeypatch.setattr(release, "deploy_stage", record)
+    argv = [
+        "--model-dir",
+        str(promoted),
+        "--region",
+        "us-east-1",
+        "--stage",
+        "prod",
+        "-c",
+        "architecture=arm64",
+    ]
+    assert release.main(argv) == 0
+    ((config, region, docker_calls_before_deploy),) = deployed
+    assert docker_calls_before_deploy == 4  # login, build, tag, push all ran first
+    tag = f"v1-{_git_short()}"
+    assert (config.stage, config.image_tag, config.ecr_repository, region) == (
+        "prod",
+        tag,
+        MODEL_NAME,
+        "us-east-1",
+    )
+    assert config.architecture == "arm64"
+    build = [json.loads(line) for line in fake_docker.read_text().splitlines()][1]["argv"]
+    assert build[build.index("--platform") + 1] == "linux/arm64"  # image matches the function
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(f"/{MODEL_NAME}:{tag}")
+    assert json.loads(out[out.index("{") :])["stack"] == "visual-inspection-prod"
+
+
+def test_bad_deploy_knob_is_refused_before_anything_runs(
+    env: Registry, promoted: Path, fake_docker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _refusal(promoted, capsys, "-c", "memory_mb=99999")
+    assert "memory_mb 99999: must be a number from 128 to 10240" in err
+    assert "unknown stage 'qa'" in _refusal(promoted, capsys, "--stage", "qa")
+    assert not fake_docker.exists()
+    assert boto3.client("ecr", region_name="us-east-1").describe_repositories()["repositories"] == []
 
 
 def test_refuses_without_promoted_model(

@@ -1,0 +1,407 @@
+"""One stage of the system as a CloudFormation stack: camera → API Gateway → Lambda → DynamoDB + S3.
+
+What is shared with ``serving/`` is imported, never restated, so the stack follows the code:
+
+* the table's key schema, attribute types, GSI and billing mode come from
+  :data:`serving.storage.TABLE_SCHEMA` (tests compare the synthesized table with it);
+* the API's routes come from :data:`serving.local_server.ROUTES`, the routes the handler serves
+  locally, so a new route there appears here (with IAM auth) on the next synth;
+* the function's environment uses the variable names the handler reads (``RESULTS_TABLE``,
+  ``RESULTS_BUCKET``, ``RESULTS_PREFIX``, ``MAX_BODY_BYTES`` ...).
+
+Design decisions (see README, *Deploy to AWS*):
+
+* **Auth: IAM (SigV4) on every method** of a REST API. Cameras sign requests with AWS credentials
+  that carry the stack's ``CameraInvokePolicy`` (execute-api:Invoke on exactly these routes).
+  REST rather than HTTP API because it has binary media types, stage throttling and a usage
+  plan model; both cost nothing when idle.
+* The image is referenced in ECR by tag or digest (``DockerImageCode.from_ecr``): synth never builds.
+* The stack needs no CDK bootstrap (``BootstraplessSynthesizer``: no assets), so the template can be
+  deployed by plain CloudFormation (``infra.deploy``) or by the CDK CLI.
+* Nothing is billed while idle except storage, CloudWatch alarms/dashboard and, when set,
+  provisioned concurrency (see README for figures).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_cloudwatch as cw
+from aws_cdk import aws_cloudwatch_actions as cw_actions
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subs
+from constructs import Construct
+
+from infra.config import StageConfig
+from serving.local_server import ROUTES
+from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
+
+# Where the Dockerfile puts the promoted model (${LAMBDA_TASK_ROOT}/serving/model).
+IMAGE_MODEL_DIR = "/var/task/serving/model"
+# Binary bodies API Gateway must base64-encode for the handler (serving.events.IMAGE_CONTENT_TYPES).
+BINARY_MEDIA_TYPES = ("image/jpeg", "image/jpg", "image/png")
+# S3 objects outlive their DynamoDB item by this much: DynamoDB TTL deletes lazily (typically
+# within days), and a record must never point at an object lifecycle already removed.
+S3_EXPIRY_GRACE_DAYS = 7
+
+_ATTRIBUTE_TYPES = {
+    "S": dynamodb.AttributeType.STRING,
+    "N": dynamodb.AttributeType.NUMBER,
+    "B": dynamodb.AttributeType.BINARY,
+}
+
+
+def route_path_pattern(template: str) -> str:
+    """``/cameras/{camera_id}/images`` → ``/cameras/*/images`` (an execute-api ARN path)."""
+    return re.sub(r"\{[^/}]+\}", "*", template)
+
+
+def table_keys(schema: dict[str, Any] = TABLE_SCHEMA) -> dict[str, Any]:
+    """CDK keyword arguments (partition/sort key, billing) for a table with ``schema``'s keys."""
+    types = {a["AttributeName"]: _ATTRIBUTE_TYPES[a["AttributeType"]] for a in schema["AttributeDefinitions"]}
+
+    def keys(key_schema: list[dict[str, str]]) -> dict[str, dynamodb.Attribute]:
+        out = {}
+        for key in key_schema:
+            name = "partition_key" if key["KeyType"] == "HASH" else "sort_key"
+            out[name] = dynamodb.Attribute(name=key["AttributeName"], type=types[key["AttributeName"]])
+        return out
+
+    billing = {
+        "PAY_PER_REQUEST": dynamodb.BillingMode.PAY_PER_REQUEST,
+        "PROVISIONED": dynamodb.BillingMode.PROVISIONED,
+    }[schema.get("BillingMode", "PAY_PER_REQUEST")]
+    return {
+        **keys(schema["KeySchema"]),
+        "billing_mode": billing,
+        "indexes": [
+            {
+                "index_name": gsi["IndexName"],
+                **keys(gsi["KeySchema"]),
+                "projection_type": dynamodb.ProjectionType[gsi["Projection"]["ProjectionType"]],
+                "non_key_attributes": gsi["Projection"].get("NonKeyAttributes"),
+            }
+            for gsi in schema.get("GlobalSecondaryIndexes", [])
+        ],
+    }
+
+
+class InspectionStack(cdk.Stack):
+    """API, function, table, bucket, camera policy, alarms and dashboard for one stage."""
+
+    def __init__(self, scope: Construct, config: StageConfig, **kwargs: Any) -> None:
+        super().__init__(
+            scope,
+            config.stack_name,
+            stack_name=config.stack_name,
+            description=f"visual-inspection {config.stage}: API Gateway (IAM) -> Lambda (ONNX) -> "
+            "DynamoDB + S3",
+            synthesizer=cdk.BootstraplessSynthesizer(),
+            **kwargs,
+        )
+        self.config = config
+        cdk.Tags.of(self).add("project", config.ecr_repository)
+        cdk.Tags.of(self).add("stage", config.stage)
+        removal = cdk.RemovalPolicy.RETAIN if config.retain_data else cdk.RemovalPolicy.DESTROY
+
+        self.table = self._table(removal)
+        self.bucket = self._bucket(removal)
+        self.log_group = logs.LogGroup(
+            self,
+            "FunctionLogs",
+            retention=logs.RetentionDays.INFINITE,
+            removal_policy=cdk.RemovalPolicy.DESTROY,
+        )
+        # RetentionDays members are named (ONE_WEEK ...); the day count is validated in config.
+        log_cfn = self.log_group.node.default_child
+        assert isinstance(log_cfn, logs.CfnLogGroup)
+        log_cfn.retention_in_days = config.log_retention_days
+        self.role = self._role()
+        self.function, self.alias = self._function()
+        self.api = self._api()
+        self.camera_policy = self._camera_policy()
+        self._alarms_and_dashboard()
+
+        self._output("ApiUrl", self.api.url, "base URL of the stage (append a route)")
+        for method, template in ROUTES:
+            self._output(
+                f"Route{_pascal(method + template)}", f"{method} {self.api.url.rstrip('/')}{template}", ""
+            )
+        self._output("ResultsTable", self.table.table_name, "DynamoDB table of results")
+        self._output("ResultsBucket", self.bucket.bucket_name, "S3 bucket of overlays")
+        self._output("FunctionName", self.function.function_name, "Lambda function")
+        self._output("CameraPolicyArn", self.camera_policy.managed_policy_arn, "attach to camera identities")
+        self._output("Image", config.image_reference, "ECR tag or digest the function runs")
+
+    # -- data -------------------------------------------------------------------------------
+    def _table(self, removal: cdk.RemovalPolicy) -> dynamodb.Table:
+        keys = table_keys()
+        indexes = keys.pop("indexes")
+        table = dynamodb.Table(
+            self,
+            "Results",
+            **keys,
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True
+            ),
+            encryption=dynamodb.TableEncryption.AWS_MANAGED,
+            time_to_live_attribute=TTL_ATTRIBUTE if self.config.retention_days else None,
+            removal_policy=removal,
+        )
+        for index in indexes:
+            table.add_global_secondary_index(**{k: v for k, v in index.items() if v is not None})
+        return table
+
+    def _bucket(self, removal: cdk.RemovalPolicy) -> s3.Bucket:
+        rules = [
+            s3.LifecycleRule(
+                id="abort-incomplete-uploads", abort_incomplete_multipart_upload_after=cdk.Duration.days(1)
+            ),
+            s3.LifecycleRule(id="expire-noncurrent", noncurrent_version_expiration=cdk.Duration.days(30)),
+        ]
+        if self.config.retention_days:
+            rules.append(
+                s3.LifecycleRule(
+                    id="expire-results",
+                    prefix=self.config.results_prefix,
+                    expiration=cdk.Duration.days(self.config.retention_days + S3_EXPIRY_GRACE_DAYS),
+                )
+            )
+        return s3.Bucket(
+            self,
+            "Overlays",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            enforce_ssl=True,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            versioned=self.config.retain_data,
+            lifecycle_rules=rules,
+            removal_policy=removal,
+        )
+
+    # -- compute ----------------------------------------------------------------------------
+    def _role(self) -> iam.Role:
+        """Execution role: its own log group, its own table (+ index), its own prefix; nothing else."""
+        role = iam.Role(
+            self,
+            "FunctionRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="visual-inspection scorer: own table, own S3 prefix, own log group only",
+        )
+        index_arns = [
+            f"{self.table.table_arn}/index/{g['IndexName']}"
+            for g in TABLE_SCHEMA.get("GlobalSecondaryIndexes", [])
+        ]
+        # UpdateItem: the store settles a put whose outcome was lost (a retried write) by updating
+        # its own item; Query: the GET result routes list a camera's results on the time index.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ResultsTable",
+                actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+                resources=[self.table.table_arn, *index_arns],
+            )
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ResultsObjects",
+                actions=["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
+                resources=[self.bucket.arn_for_objects(f"{self.config.results_prefix}*")],
+            )
+        )
+        # Listing (to sweep objects a failed write left) is limited to keys under the prefix.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ListOwnPrefix",
+                actions=["s3:ListBucket"],
+                resources=[self.bucket.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": [f"{self.config.results_prefix}*"]}},
+            )
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="OwnLogGroup",
+                actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                resources=[self.log_group.log_group_arn],
+            )
+        )
+        return role
+
+    def _function(self) -> tuple[lambda_.DockerImageFunction, lambda_.Alias]:
+        c = self.config
+        repository = ecr.Repository.from_repository_name(self, "ImageRepository", c.ecr_repository)
+        environment = {
+            "RESULTS_TABLE": self.table.table_name,
+            "RESULTS_BUCKET": self.bucket.bucket_name,
+            "RESULTS_PREFIX": c.results_prefix,
+            "STORE_ORIGINAL": str(c.store_original).lower(),
+            "REQUIRE_CAMERA_ID": str(c.require_camera_id).lower(),
+            "MAX_BODY_BYTES": str(c.max_body_bytes),
+            "MODEL_DIR": IMAGE_MODEL_DIR,
+            "POWERTOOLS_SERVICE_NAME": c.ecr_repository,
+            "DEPLOY_STAGE": c.stage,
+        }
+        if c.retention_days:
+            environment["RESULTS_TTL_DAYS"] = str(c.retention_days)
+        function = lambda_.DockerImageFunction(
+            self,
+            "Function",
+            code=lambda_.DockerImageCode.from_ecr(repository, tag_or_digest=c.image_reference),
+            architecture=lambda_.Architecture.ARM_64
+            if c.architecture == "arm64"
+            else lambda_.Architecture.X86_64,
+            memory_size=c.memory_mb,
+            timeout=cdk.Duration.seconds(c.timeout_s),
+            reserved_concurrent_executions=c.reserved_concurrency,
+            role=self.role,
+            log_group=self.log_group,
+            logging_format=lambda_.LoggingFormat.JSON,
+            environment=environment,
+            description=f"visual-inspection scorer ({c.stage}, image {c.image_reference})",
+        )
+        # CDK makes the function depend on both the role and its policy; the role is already
+        # implied by Fn::GetAtt (cfn-lint W3005), so keep only the policy (the function must not
+        # start before it may write).
+        cfn_function = function.node.default_child
+        default_policy = self.role.node.try_find_child("DefaultPolicy")
+        assert isinstance(cfn_function, lambda_.CfnFunction) and isinstance(default_policy, iam.Policy)
+        cfn_function.add_override("DependsOn", [self.get_logical_id(default_policy.node.default_child)])
+        # API Gateway calls the alias, so provisioned concurrency (when set) covers every request.
+        alias = lambda_.Alias(
+            self,
+            "Live",
+            alias_name="live",
+            version=function.current_version,
+            provisioned_concurrent_executions=c.provisioned_concurrency or None,
+        )
+        return function, alias
+
+    # -- API --------------------------------------------------------------------------------
+    def _api(self) -> apigw.RestApi:
+        c = self.config
+        api = apigw.RestApi(
+            self,
+            "Api",
+            rest_api_name=c.stack_name,
+            description="Camera uploads; every method requires SigV4 (IAM) signatures",
+            binary_media_types=list(BINARY_MEDIA_TYPES),
+            endpoint_types=[apigw.EndpointType.REGIONAL],
+            cloud_watch_role=False,  # account-wide setting; not this stack's to change
+            deploy_options=apigw.StageOptions(
+                stage_name=c.stage,
+                throttling_rate_limit=c.throttle_rate,
+                throttling_burst_limit=c.throttle_burst,
+            ),
+            default_method_options=apigw.MethodOptions(authorization_type=apigw.AuthorizationType.IAM),
+        )
+        integration = apigw.LambdaIntegration(self.alias, proxy=True, allow_test_invoke=False)
+        for method, template in ROUTES:
+            resource = api.root.resource_for_path(template.strip("/"))
+            resource.add_method(method, integration, authorization_type=apigw.AuthorizationType.IAM)
+        return api
+
+    def _camera_policy(self) -> iam.ManagedPolicy:
+        """What a camera's IAM user/role needs: invoke these routes of this stage, nothing else."""
+        return iam.ManagedPolicy(
+            self,
+            "CameraInvokePolicy",
+            description=f"Invoke the visual-inspection {self.config.stage} API routes",
+            statements=[
+                iam.PolicyStatement(
+                    actions=["execute-api:Invoke"],
+                    resources=[
+                        self.api.arn_for_execute_api(method, route_path_pattern(template), self.config.stage)
+                        for method, template in ROUTES
+                    ],
+                )
+            ],
+        )
+
+    # -- operations -------------------------------------------------------------------------
+    def _alarms_and_dashboard(self) -> None:
+        c = self.config
+        period = cdk.Duration.minutes(5)
+        server_errors = self.api.metric_server_error(period=period, statistic="Average", label="5xx rate")
+        latency_p95 = self.api.metric_latency(period=period, statistic="p95", label="p95 latency (ms)")
+        throttles = self.function.metric_throttles(period=period, statistic="Sum", label="Lambda throttles")
+        alarms = [
+            cw.Alarm(
+                self,
+                "Api5xxRate",
+                metric=server_errors,
+                threshold=c.alarm_5xx_rate,
+                evaluation_periods=1,
+                comparison_operator=cw.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
+                alarm_description=f"more than {c.alarm_5xx_rate:.1%} of requests answered 5xx in 5 minutes",
+            ),
+            cw.Alarm(
+                self,
+                "ApiLatencyP95",
+                metric=latency_p95,
+                threshold=c.alarm_p95_latency_ms,
+                evaluation_periods=2,
+                comparison_operator=cw.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
+                alarm_description=f"p95 latency above {c.alarm_p95_latency_ms:g} ms for 10 minutes",
+            ),
+            cw.Alarm(
+                self,
+                "FunctionThrottles",
+                metric=throttles,
+                threshold=c.alarm_throttles,
+                evaluation_periods=1,
+                comparison_operator=cw.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
+                alarm_description="the function hit its reserved concurrency (raise reserved_concurrency)",
+            ),
+        ]
+        if c.alarm_email:
+            topic = sns.Topic(self, "AlarmTopic", display_name=f"{c.stack_name} alarms")
+            topic.add_subscription(subs.EmailSubscription(c.alarm_email))
+            for alarm in alarms:
+                alarm.add_alarm_action(cw_actions.SnsAction(topic))
+
+        dashboard = cw.Dashboard(self, "Dashboard", dashboard_name=c.stack_name)
+        dashboard.add_widgets(
+            cw.GraphWidget(
+                title="Requests",
+                left=[
+                    self.api.metric_count(period=period, statistic="Sum", label="requests"),
+                    self.api.metric_client_error(period=period, statistic="Sum", label="4xx"),
+                    self.api.metric_server_error(period=period, statistic="Sum", label="5xx"),
+                ],
+            ),
+            cw.GraphWidget(
+                title="Latency (ms)",
+                left=[
+                    self.api.metric_latency(period=period, statistic="p50", label="API p50"),
+                    latency_p95,
+                    self.function.metric_duration(period=period, statistic="p95", label="Lambda p95"),
+                ],
+            ),
+            cw.GraphWidget(
+                title="Lambda",
+                left=[
+                    self.function.metric_invocations(period=period, statistic="Sum", label="invocations"),
+                    self.function.metric_errors(period=period, statistic="Sum", label="errors"),
+                    throttles,
+                ],
+            ),
+        )
+        dashboard.add_widgets(cw.AlarmStatusWidget(title="Alarms", alarms=alarms, width=24))
+
+    def _output(self, name: str, value: str, description: str) -> None:
+        cdk.CfnOutput(self, name, value=value, description=description or None)
+
+
+def _pascal(text: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", text) if part)
