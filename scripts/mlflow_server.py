@@ -20,7 +20,8 @@ Usage (``make mlflow-server`` runs the first line)::
 
     python scripts/mlflow_server.py --local-s3                       # everything local, port 5000
     python scripts/mlflow_server.py --artifacts-destination s3://team-bucket/mlflow \\
-        --backend-store-uri postgresql://mlflow:pw@db:5432/mlflow --host 0.0.0.0 --allowed-hosts 'mlflow.example:5000'
+        --backend-store-uri postgresql://mlflow:pw@db:5432/mlflow \\
+        --host 0.0.0.0 --allowed-hosts 'mlflow.example:5000'
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000                   # then dvc repro / select / promote
 """
 
@@ -294,8 +295,9 @@ def shared_server(
             cmd += ["--allowed-hosts", allowed_hosts]
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                cmd, cwd=work_dir, env=server_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                cmd, cwd=work_dir, env=server_env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         processes.append(proc)
         url = f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "127.0.0.1") else f"http://{host}:{port}"
         wait_http(f"{url}/health", proc, log, START_TIMEOUT_S)
@@ -313,7 +315,8 @@ def _default_pg_data() -> Path:
     # As root the folder must be reachable by 'postgres' (not under /root, which is 0700).
     if _is_root():
         return Path("/var/lib/visual-inspection/mlflow-pg")
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "visual-inspection" / "mlflow-pg"
+    share = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return share / "visual-inspection" / "mlflow-pg"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--backend-store-uri", help="existing PostgreSQL; default: run a local cluster")
-    parser.add_argument("--pg-data", type=Path, default=None, help="local cluster folder (kept across starts)")
+    parser.add_argument("--pg-data", type=Path, default=None, help="cluster folder (kept)")
     parser.add_argument("--pg-port", type=int, default=5433)
     parser.add_argument("--artifacts-destination", default="s3://mlflow-artifacts/mlflow")
     parser.add_argument("--local-s3", action="store_true", help="start a local moto S3 server (no AWS)")
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         ) as stack:
             print(f"MLflow tracking server: {stack.url}  (log: {stack.log})")
             print(f"  backend store: {stack.backend_uri}")
-            print(f"  artifacts:     {stack.artifacts_destination} via {stack.s3_endpoint or 'AWS S3'} (proxied)")
+            via = stack.s3_endpoint or "AWS S3"
+            print(f"  artifacts:     {stack.artifacts_destination} via {via} (proxied)")
             print(f"  export MLFLOW_TRACKING_URI={stack.url}   # Ctrl-C stops everything", flush=True)
             stop = {"now": False}
             signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
