@@ -45,7 +45,7 @@ from pathlib import Path
 
 DEFAULT_DB = "mlflow"
 DEFAULT_USER = "mlflow"
-START_TIMEOUT_S = 180
+START_TIMEOUT_S = 300
 #: Dummy credentials for the local moto S3 server (never real ones).
 LOCAL_S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "local",

@@ -45,7 +45,9 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mlflow_ser
         port=mlflow_server.free_port(),
         artifacts_destination="s3://team-mlflow/artifacts",
         local_s3=True,
-        workers=2,
+        # one uvicorn process (requests still run concurrently in its thread pool): on a loaded
+        # machine a multi-worker supervisor kills children that import MLflow too slowly.
+        workers=1,
         env=env,
     ) as stack:
         yield stack
