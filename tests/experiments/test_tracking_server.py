@@ -293,6 +293,13 @@ def test_real_stages_log_register_and_promote_through_server(
     assert version["version"] == champion["version"] and version["run_id"] == champion["run_id"]
     meta = json.loads((work / "serving" / "model" / "metadata.json").read_text())
     assert meta["run_id"] == champion["run_id"] and str(meta["registry_version"]) == champion["version"]
+    # The release check (serving/release.py) agrees through the same URL: same name, version, run and
+    # sha256 of the ONNX it downloads through the server's artifact proxy.
+    from serving import release
+
+    release.check_champion(
+        release.load_promoted(work / "serving" / "model"), tracking_uri=url, model_name=name, alias="champion"
+    )
     # Everything the pipeline logged sits in S3, not in the copy's folder.
     keys = _s3_keys(team_server)
     for model in PIPELINE_MODELS:
