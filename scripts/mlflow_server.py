@@ -82,7 +82,7 @@ def pg_binary(name: str) -> str:
         return str(candidates[0])
     raise ServerError(
         f"PostgreSQL program {name!r} not found: install the server (`apt-get install -y postgresql`, "
-        "done by `make pg-chromium`) or pass --backend-store-uri postgresql://... of an existing server"
+        "done by `make system-deps`) or pass --backend-store-uri postgresql://... of an existing server"
     )
 
 

@@ -351,3 +351,24 @@ def test_ui_shows_runs_table_and_champion_alias(pipeline: dict[str, Any], tmp_pa
     assert f">{name}<" in model_dom
     assert f"Version {champion['version']}" in model_dom
     assert "champion" in model_dom, "alias champion not rendered on the registered model page"
+
+
+def test_server_script_rejects_a_non_s3_artifact_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad input to `make mlflow-server` is one line naming the option and what it must be."""
+    from scripts import mlflow_server
+
+    code = mlflow_server.main(["--artifacts-destination", "/srv/artifacts", "--work-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0
+    assert "--artifacts-destination must be an s3:// URI" in err and "/srv/artifacts" in err
+
+
+def test_server_script_names_the_missing_postgresql_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts import mlflow_server
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(mlflow_server.Path, "glob", lambda self, pattern: iter(()))
+    with pytest.raises(mlflow_server.ServerError, match="apt-get install -y postgresql"):
+        mlflow_server.pg_binary("initdb")
