@@ -358,9 +358,9 @@ def register_champion(
 
     Runs under :func:`registry_lock`, so concurrent selects are serialised (module docstring).
     """
-    _ensure_registered_model(client, model_name)
     check_run_data(client, summary)
     with registry_lock(client, model_name, wait_s=lock_wait_s) as token:
+        _ensure_registered_model(client, model_name)
         return _register_locked(client, selection, summary, model_name=model_name, alias=alias, token=token)
 
 
