@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data repro test lint ui bench clean deploy
+.PHONY: setup data repro test lint ui bench clean deploy mlflow-server system-deps
 
 setup: $(VENV)/.installed data
 
@@ -31,7 +31,7 @@ data: $(VENV)/.installed
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -42,6 +42,24 @@ lint: $(VENV)/.installed
 # MLflow UI on http://127.0.0.1:5000 over the embedded tracking store.
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# Team tracking server: PostgreSQL backend store + S3 artifacts (proxied); see scripts/mlflow_server.py.
+# MLFLOW_SERVER_ARGS='--artifacts-destination s3://bucket/mlflow' for real S3 (default: local moto S3).
+MLFLOW_SERVER_ARGS ?= --local-s3
+mlflow-server: $(VENV)/.installed system-deps
+	$(BIN)/python scripts/mlflow_server.py $(MLFLOW_SERVER_ARGS)
+
+# Debian packages the team-scale tests need: PostgreSQL (MLflow backend store) and Chromium (UI
+# check). Idempotent: skipped when present; needs root (CI and the dev machines run as root).
+SYSTEM_PKGS := postgresql chromium
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" != 0 ]; then \
+	  echo "warning: missing Debian packages: $$missing (run 'sudo make system-deps'); their tests skip"; \
+	elif [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py

@@ -83,6 +83,30 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
 
 
+def device_used(rows: list[dict[str, Any]], root: Path = REPO_ROOT) -> str:
+    """The training device: what train.json recorded (``device``/``accelerator``), else what torch sees.
+
+    The train stage records the device it used (``train.accelerator: auto`` picks a GPU when one is
+    present); before such outputs exist, fall back to what this machine offers.
+    """
+    seen = set()
+    for row in rows:
+        train = _read_json(root / "build" / "models" / row["model"] / "train.json")
+        value = train.get("device") or train.get("accelerator")
+        if value:
+            seen.add(str(value))
+    if seen:
+        return ", ".join(sorted(seen)) + " (from train.json)"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda ({torch.cuda.get_device_name(0)}; no train.json records it yet)"
+    except ImportError:
+        pass
+    return "cpu (no GPU visible; no train.json records it yet)"
+
+
 def run_repro(force: bool) -> float:
     """Run ``dvc repro`` from the repo root with the venv first on PATH; return wall seconds."""
     env = dict(os.environ)
@@ -104,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
 
     wall = run_repro(args.force) if args.run else None
     rows = collect()
+    device = device_used(rows)
     if args.json:
-        print(json.dumps({"models": rows, "repro_wall_s": wall}, indent=2))
+        print(json.dumps({"models": rows, "repro_wall_s": wall, "device": device}, indent=2))
         return
+    print(f"training device: {device}")
     print(render(rows))
     total_train = sum(r["train_time_s"] for r in rows if not math.isnan(r["train_time_s"]))
     total_test = sum(r["test_time_s"] for r in rows if not math.isnan(r["test_time_s"]))

@@ -14,6 +14,18 @@ Outputs:
 Re-running is idempotent: if the champion's logged model (same run id and source) is already a
 version, that version is reused instead of registering a duplicate.
 
+Concurrency rule (several ``dvc repro`` against one tracking server): the registry part runs under
+a lock, the registered model ``<name>.select-lock``. Creating a registered model is atomic in
+MLflow's SQL store (unique name), so exactly one select holds it; the others wait up to
+``LOCK_WAIT_S`` and then fail naming the holder. Under the lock a select (1) checks that the
+champion's MLflow run was logged on the data its summary claims (``data_version`` tag), (2)
+registers/tags the version, moves the alias and records ``selection_seq`` (previous + 1) with the
+champion's version, run and data version on the registered model, and (3) re-reads the alias and
+those tags and refuses if they are not its own. So the alias always ends on the version chosen by
+the last select to finish, with tags describing that same selection and data; a select that lost
+never reports success (and ``promote`` refuses an alias that matches no local evaluation).
+A crashed select leaves the lock behind: ``python -m registry.select --break-lock`` removes it.
+
 Usage: ``python -m registry.select [--params params.yaml] [--eval-dir build/eval] [--out-dir
 build/registry] [--no-register]``
 """
@@ -21,12 +33,18 @@ build/registry] [--no-register]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
+import random
 import re
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +68,11 @@ SELECTION_FILE = "selection.json"
 CHAMPION_FILE = "champion.json"
 #: MLflow caps tag values; the reason is short, but never let a long one fail registration.
 _MAX_TAG = 4900
+#: The lock is a registered model with this suffix (atomic create = acquire, delete = release).
+LOCK_SUFFIX = ".select-lock"
+#: How long a select waits for another one to finish its registry update (seconds; they take ~1 s).
+LOCK_WAIT_S = 300.0
+LOCK_POLL_S = 0.2
 
 
 class RegistryError(RuntimeError):
@@ -213,6 +236,115 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
         )
 
 
+def lock_name(model_name: str) -> str:
+    return f"{model_name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def registry_lock(
+    client: MlflowClient, model_name: str, *, wait_s: float = LOCK_WAIT_S, poll_s: float = LOCK_POLL_S
+) -> Iterator[str]:
+    """Hold ``<model_name>.select-lock`` (see the module docstring); yields this holder's token.
+
+    Why a registered model: it is the one MLflow object whose creation fails atomically when it
+    already exists (RESOURCE_ALREADY_EXISTS from the store's unique key), on every backend store.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = lock_name(model_name)
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + wait_s
+    rng = random.Random(token)
+    while True:
+        try:
+            client.create_registered_model(
+                name,
+                tags={"holder": token, "acquired_at": f"{time.time():.3f}"},
+                description=f"Lock held while registry.select updates {model_name!r}; deleted when done.",
+            )
+            break
+        except MlflowException as exc:
+            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise
+        if time.monotonic() > deadline:
+            holder = "unknown"
+            with contextlib.suppress(MlflowException):
+                holder = client.get_registered_model(name).tags.get("holder", "unknown")
+            raise RegistryError(
+                f"registered model {name!r} (the select lock) is still held by {holder} after {wait_s:.0f}s: "
+                "another select is updating the registry. If none is running (a crashed one left the "
+                "lock), run `python -m registry.select --break-lock`"
+            )
+        time.sleep(poll_s * (1 + rng.random()))
+    log.info("holding %s (%s)", name, token)
+    try:
+        yield token
+    finally:
+        try:
+            holder = client.get_registered_model(name).tags.get("holder")
+            if holder == token:
+                client.delete_registered_model(name)
+            else:
+                log.warning("%s is now held by %s (lock broken?); leaving it", name, holder)
+        except MlflowException as exc:
+            log.warning("could not release %s: %s", name, exc)
+
+
+def break_lock(client: MlflowClient, model_name: str) -> bool:
+    """Delete a lock left by a crashed select; True if there was one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(lock_name(model_name))
+    except MlflowException as exc:
+        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def check_run_data(client: MlflowClient, summary: EvalSummary) -> None:
+    """Refuse a champion whose MLflow run was logged on other data than its summary claims."""
+    claimed = str(summary.get("data_version", "") or "")
+    logged = client.get_run(summary.run_id).data.tags.get("data_version", "")
+    if claimed and logged and claimed != logged:
+        raise RegistryError(
+            f"{summary.path}: run {summary.run_id} was logged on data {logged!r} but the summary claims "
+            f"{claimed!r}; re-run the evaluate stage so build/eval and MLflow agree"
+        )
+
+
+def _selection_seq(client: MlflowClient, model_name: str) -> int:
+    raw = client.get_registered_model(model_name).tags.get("selection_seq", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
+def verify_champion(
+    client: MlflowClient, model_name: str, alias: str, version: str, summary: EvalSummary, seq: int
+) -> None:
+    """Re-read what this select wrote; any difference means someone wrote without the lock."""
+    now = alias_version(client, model_name, alias)
+    reg_tags = client.get_registered_model(model_name).tags
+    problems = []
+    if now is None or str(now.version) != version:
+        problems.append(f"alias {alias} is on {None if now is None else now.version}, expected {version}")
+    elif now.tags.get("data_version", "") != str(summary.get("data_version", "")):
+        problems.append(f"version {version} is tagged with data {now.tags.get('data_version')!r}")
+    if reg_tags.get("selection_seq") != str(seq) or reg_tags.get("champion_version") != version:
+        problems.append(
+            f"selection_seq/champion_version are {reg_tags.get('selection_seq')}/"
+            f"{reg_tags.get('champion_version')}, expected {seq}/{version}"
+        )
+    if problems:
+        raise RegistryError(
+            f"registry {model_name!r} changed under this select ({'; '.join(problems)}): another writer "
+            "bypassed the select lock; re-run `dvc repro` (select) to restore a consistent champion"
+        )
+
+
 def register_champion(
     client: MlflowClient,
     selection: Selection,
@@ -220,12 +352,31 @@ def register_champion(
     *,
     model_name: str,
     alias: str,
+    lock_wait_s: float = LOCK_WAIT_S,
 ) -> dict[str, Any]:
-    """Register (or reuse) the champion's version, tag it, move the alias; return champion.json data."""
+    """Register (or reuse) the champion's version, tag it, move the alias; return champion.json data.
+
+    Runs under :func:`registry_lock`, so concurrent selects are serialised (module docstring).
+    """
+    check_run_data(client, summary)
+    with registry_lock(client, model_name, wait_s=lock_wait_s) as token:
+        _ensure_registered_model(client, model_name)
+        return _register_locked(client, selection, summary, model_name=model_name, alias=alias, token=token)
+
+
+def _register_locked(
+    client: MlflowClient,
+    selection: Selection,
+    summary: EvalSummary,
+    *,
+    model_name: str,
+    alias: str,
+    token: str,
+) -> dict[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    _ensure_registered_model(client, model_name)
+    seq = _selection_seq(client, model_name) + 1
     previous = alias_version(client, model_name, alias)
     existing = find_version(client, model_name, summary.run_id, summary.model_uri)
     if existing is not None:
@@ -252,7 +403,9 @@ def register_champion(
         "run_id": summary.run_id,
         "git_commit": str(summary.get("git_commit", "")),
         "data_version": str(summary.get("data_version", "")),
+        "pipeline_id": str(summary.get("pipeline_id", "")),
         "selected_by": "registry.select",
+        "selection_seq": str(seq),
     }
     moved = previous is None or str(previous.version) != version
     if moved:
@@ -269,6 +422,15 @@ def register_champion(
         )[:_MAX_TAG],
     )
     client.set_registered_model_alias(model_name, alias, version)
+    for key, value in {
+        "champion_version": version,
+        "champion_run_id": summary.run_id,
+        "champion_data_version": str(summary.get("data_version", "")),
+        "selection_holder": token,
+        "selection_seq": str(seq),
+    }.items():
+        client.set_registered_model_tag(model_name, key, value)
+    verify_champion(client, model_name, alias, version, summary, seq)
     if previous is not None and moved:
         log.info("alias %s moved from version %s to %s", alias, previous.version, version)
 
@@ -284,6 +446,7 @@ def register_champion(
         "metric_value": metric_value,
         "previous_version": None if previous is None else str(previous.version),
         "reused_existing_version": existing is not None,
+        "selection_seq": seq,
     }
 
 
@@ -341,10 +504,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-register", action="store_true", help="only apply the rule and write selection.json"
     )
+    parser.add_argument(
+        "--break-lock", action="store_true", help="delete the select lock a crashed select left, then exit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
+        if args.break_lock:
+            from registry.mlflow_client import get_client
+
+            name, _ = registry_params(params)
+            removed = break_lock(get_client(), name)
+            print(f"select: lock {lock_name(name)!r} {'removed' if removed else 'was not held'}")
+            return 0
         record = run(params, eval_dir=args.eval_dir, out_dir=args.out_dir, register=not args.no_register)
     except (ParamsError, SelectionError, RegistryError) as exc:
         print(f"select: {exc}", file=sys.stderr)

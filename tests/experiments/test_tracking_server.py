@@ -1,122 +1,86 @@
-"""``MLFLOW_TRACKING_URI=http://...`` points the pipeline at a shared MLflow tracking server.
+"""The team's shared MLflow server: PostgreSQL backend store, S3 artifacts, proxied to clients.
 
-A real ``mlflow server`` (sqlite backend, proxied artifacts in a temp folder) is started on a free
-port of 127.0.0.1. The evaluate stage's tracking helpers log a run to it, the registry code path
-(``registry.select.run`` → ``registry.mlflow_client.get_client``) registers a real ONNX model and
-moves the alias ``champion``, and everything is read back over HTTP. The artifacts must land in the
-server's ``--artifacts-destination``, not in a folder of the client's checkout.
+The server is started by ``scripts/mlflow_server.py`` itself (``make mlflow-server``; fixture in
+``tests/team_server.py``): a real PostgreSQL cluster, a moto S3 server as the artifact store and
+``mlflow server --serve-artifacts``, all on 127.0.0.1. Clients get ``MLFLOW_TRACKING_URI`` and nothing
+else (no AWS credentials): artifacts must still go to S3 and come back through the server.
+
+1. the evaluate stage's tracking helpers + ``registry.select`` on a tiny ONNX model, read back;
+2. the real stages (prepare → train → evaluate for two fast models → select → promote) on a tiny
+   data subset in a copy of the repo, then runs, alias and artifacts read back over plain HTTP;
+3. the UI in headless Chromium: the runs table and the registered model page with the alias, as DOM
+   assertions plus screenshots kept in ``build/test-artifacts/mlflow-ui/`` (``TEST_ARTIFACTS_DIR``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import time
-import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from experiments import tracking
 from registry import select as select_mod
+from scripts.mlflow_server import LOCAL_S3_CREDENTIALS, Stack
 from tests.registry.test_select_promote import SIZE, _constant_onnx
+from tests.team_server import require
+from tests.test_pipeline_e2e import _deep_update
 
 pytest.importorskip("mlflow")
 
-START_TIMEOUT_S = 120
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 MODEL_NAME = "vi-server-test"
+BUCKET, PREFIX = "team-mlflow", "artifacts/"
+#: Two of the fastest models of params.yaml, at 64 px on a few dozen images.
+PIPELINE_MODELS = ("dfm", "padim")
+SMALL = {
+    "data": {"image_size": 64, "max_train": 24, "max_test_good": 8, "max_test_defect": 8},
+    "evaluate": {"n_heatmaps": 1, "latency_repeats": 2},
+}
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+    "--window-size=1600,1000", "--virtual-time-budget=20000",
+]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10) -> tuple[int, str]:
+def _get(url: str, timeout: float = 30) -> tuple[int, bytes]:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.status, resp.read().decode("utf-8", "replace")
+        return resp.status, resp.read()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Kill the server's whole process group (uvicorn forks a worker)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("mlflow-server")
-    artifacts = root / "artifacts"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        env.pop(key, None)
-    log = (root / "server.log").open("wb")
-    cmd = [
-        str(mlflow_bin), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
     )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"mlflow server exited with {proc.returncode}:\n{(root / 'server.log').read_text()}"
-                )
-            try:
-                if _get(f"{url}/health", timeout=2)[0] == 200:
-                    break
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server not up in {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
-        yield {"url": url, "root": root, "artifacts": artifacts}
-    finally:
-        _stop(proc)
-        log.close()
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
 
 
-@pytest.fixture
-def remote(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    import mlflow
+def _s3_keys(stack: Stack) -> list[str]:
+    """Object keys in the artifact bucket, read with the server's (local, dummy) credentials."""
+    import boto3
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        yield server
-    finally:
-        # setup_tracking() sets MLflow's process-wide URIs; do not leak the server to other tests.
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=LOCAL_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
 
 
 def _log_like_evaluate(
@@ -153,12 +117,12 @@ def _log_like_evaluate(
 
 
 def test_pipeline_logs_registers_and_reads_back_through_server(
-    remote: dict[str, Any], tmp_path: Path
+    use_server: str, team_server: Stack, tmp_path: Path
 ) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    url = remote["url"]
+    url = use_server
     assert tracking.setup_tracking() == url
     assert tracking.is_tracking_server(url)
     repo_artifacts = tracking.REPO_ROOT / "mlartifacts"
@@ -186,7 +150,7 @@ def test_pipeline_logs_registers_and_reads_back_through_server(
     (folder / "metrics.json").write_text(json.dumps(metrics))
     summary = {"model": "padim", "run_id": run_id, "model_uri": model_uri, "metrics": metrics}
     (folder / "summary.json").write_text(
-        json.dumps(summary | {"git_commit": "c" * 40, "data_version": "d.dir"})
+        json.dumps(summary | {"git_commit": "c" * 40, "data_version": tracking.data_version()})
     )
     params = {
         "models": {"padim": {}},
@@ -216,8 +180,9 @@ def test_pipeline_logs_registers_and_reads_back_through_server(
     )
     with urllib.request.urlopen(request, timeout=10) as resp:
         runs = json.loads(resp.read())["runs"]
-    assert [r["info"]["run_id"] for r in runs] == [run_id]
-    assert {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}["image_AUROC"] == pytest.approx(0.9)
+    mine = [r for r in runs if r["info"]["run_id"] == run_id]
+    assert len(mine) == 1
+    assert {m["key"]: m["value"] for m in mine[0]["data"]["metrics"]}["image_AUROC"] == pytest.approx(0.9)
     status, text = _get(f"{url}/api/2.0/mlflow/registered-models/alias?name={MODEL_NAME}&alias=champion")
     assert status == 200 and json.loads(text)["model_version"]["run_id"] == run_id
 
@@ -226,18 +191,14 @@ def test_pipeline_logs_registers_and_reads_back_through_server(
         mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "dl"))
     )
     assert (downloaded / "model.onnx").read_bytes() == onnx_path.read_bytes()
-    # ... and is stored in the server's artifact destination, not in this checkout.
-    assert list(remote["artifacts"].rglob("model.onnx"))
-    assert list(remote["artifacts"].rglob("metrics.json"))
+    # ... and is stored in the server's S3 artifact destination, not in this checkout; this process
+    # has no AWS credentials at all (use_server removed them), so the bytes came through the proxy.
+    assert "AWS_ACCESS_KEY_ID" not in os.environ
+    keys = _s3_keys(team_server)
+    assert any(k.endswith("/model.onnx") for k in keys), keys
+    assert any(run_id in k and k.endswith("/metrics.json") for k in keys), keys
     after = sorted(repo_artifacts.rglob("*")) if repo_artifacts.exists() else []
     assert after == before
-
-
-def test_ui_is_served(server: dict[str, Any]) -> None:
-    status, text = _get(f"{server['url']}/")
-    assert status == 200
-    assert "MLflow" in text or "static-files" in text
-    assert "<html" in text.lower() or "<!doctype html" in text.lower()
 
 
 def test_only_tracking_servers_choose_their_artifact_location() -> None:
@@ -247,3 +208,167 @@ def test_only_tracking_servers_choose_their_artifact_location() -> None:
     assert not tracking.is_tracking_server("sqlite:////tmp/x/mlflow.db")
     assert not tracking.is_tracking_server("file:///tmp/mlruns")
     assert tracking.artifact_root("sqlite:////tmp/x/mlflow.db") == Path("/tmp/x/mlartifacts").resolve()
+
+
+@pytest.fixture(scope="module")
+def pipeline(team_server: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The real stage scripts in a copy of the repo (two models, tiny subset) against the server."""
+    if not (REPO / "data" / "train" / "good").is_dir():
+        pytest.fail("data/ is missing: run `make data` (part of `make test`) first")
+    work = tmp_path_factory.mktemp("team-pipeline") / "repo"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        if (REPO / rel).is_file() and not rel.startswith("serving/model/"):
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    shutil.copytree(REPO / "data", work / "data", copy_function=os.link)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["models"] = {name: params["models"][name] for name in PIPELINE_MODELS}
+    (work / "params.yaml").write_text(yaml.safe_dump(_deep_update(params, SMALL), sort_keys=False))
+
+    # The only link to the server: MLFLOW_TRACKING_URI. No AWS credentials, no S3 endpoint.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
+    env |= {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": team_server.url,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    stages = [["experiments.prepare"]]
+    for model in PIPELINE_MODELS:
+        stages += [["experiments.train", model], ["experiments.evaluate", model]]
+    stages += [["registry.select"], ["registry.promote"]]
+    for stage in stages:
+        proc = subprocess.run(
+            [sys.executable, "-m", *stage], cwd=work, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    champion = json.loads((work / "build" / "registry" / "champion.json").read_text())
+    return {"work": work, "champion": champion, "url": team_server.url, "params": params}
+
+
+def test_real_stages_log_register_and_promote_through_server(
+    pipeline: dict[str, Any], team_server: Stack
+) -> None:
+    url, work, champion = pipeline["url"], pipeline["work"], pipeline["champion"]
+    name = pipeline["params"]["registry"]["model_name"]
+    _, body = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={tracking.EXPERIMENT_NAME}")
+    experiment = json.loads(body)["experiment"]
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:")
+
+    summaries = {
+        m: json.loads((work / "build" / "eval" / m / "summary.json").read_text()) for m in PIPELINE_MODELS
+    }
+    filt = f"tags.pipeline_id = '{summaries['dfm']['pipeline_id']}'"
+    runs = _post(
+        f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "filter": filt}
+    )
+    by_model = {
+        next(t["value"] for t in r["data"]["tags"] if t["key"] == "model_name"): r for r in runs["runs"]
+    }
+    assert set(by_model) == set(PIPELINE_MODELS)
+    for model, run in by_model.items():
+        assert run["info"]["run_id"] == summaries[model]["run_id"]
+        logged = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        local = json.loads((work / "build" / "eval" / model / "metrics.json").read_text())
+        assert logged["image_AUROC"] == pytest.approx(local["image_AUROC"])
+        # The artifact comes back over HTTP through the server's proxy, byte-identical.
+        query = urllib.parse.urlencode({"path": "metrics.json", "run_uuid": run["info"]["run_id"]})
+        status, data = _get(f"{url}/get-artifact?{query}")
+        assert status == 200 and json.loads(data) == json.loads(
+            (work / "build" / "eval" / model / "metrics.json").read_text()
+        )
+
+    # The alias (read over REST) is the champion select chose, and promote served that version.
+    status, body = _get(f"{url}/api/2.0/mlflow/registered-models/alias?name={name}&alias=champion")
+    version = json.loads(body)["model_version"]
+    assert version["version"] == champion["version"] and version["run_id"] == champion["run_id"]
+    meta = json.loads((work / "serving" / "model" / "metadata.json").read_text())
+    assert meta["run_id"] == champion["run_id"] and str(meta["registry_version"]) == champion["version"]
+    # The release check (serving/release.py) agrees through the same URL: same name, version, run and
+    # sha256 of the ONNX it downloads through the server's artifact proxy.
+    from serving import release
+
+    release.check_champion(
+        release.load_promoted(work / "serving" / "model"), tracking_uri=url, model_name=name, alias="champion"
+    )
+    # Everything the pipeline logged sits in S3, not in the copy's folder.
+    keys = _s3_keys(team_server)
+    for model in PIPELINE_MODELS:
+        assert any(summaries[model]["run_id"] in k for k in keys), (model, keys[:20])
+    assert any(k.endswith("model.onnx") for k in keys)
+    assert not (work / "mlartifacts").exists() and not (work / "mlflow.db").exists()
+
+
+def _artifact_dir() -> Path:
+    root = Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO / "build" / "test-artifacts")
+    out = root / "mlflow-ui"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
+    chromium = require("chromium", postgres=False)
+    cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-3000:]}"
+    return proc
+
+
+def test_ui_shows_runs_table_and_champion_alias(pipeline: dict[str, Any], tmp_path: Path) -> None:
+    """Rendered by the real UI bundle in headless Chromium; DOM asserted, screenshots kept."""
+    url, champion = pipeline["url"], pipeline["champion"]
+    name = pipeline["params"]["registry"]["model_name"]
+    _, body = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={tracking.EXPERIMENT_NAME}")
+    experiment_id = json.loads(body)["experiment"]["experiment_id"]
+    out = _artifact_dir()
+    pages = {
+        "runs-table": f"{url}/#/experiments/{experiment_id}/runs?compareRunsMode=TABLE",
+        "registered-model": f"{url}/#/models/{name}",
+    }
+    dom: dict[str, str] = {}
+    for key, page in pages.items():
+        dom[key] = _chromium(["--dump-dom", page], tmp_path / f"profile-{key}").stdout
+        png = out / f"{key}.png"
+        png.unlink(missing_ok=True)
+        _chromium([f"--screenshot={png}", page], tmp_path / f"profile-{key}-shot")
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{png}: blank or missing screenshot"
+
+    runs_dom = dom["runs-table"]
+    assert "Run Name" in runs_dom, "runs table did not render"
+    for model in PIPELINE_MODELS:
+        assert f">{model}<" in runs_dom, f"run {model!r} not in the rendered runs table"
+    model_dom = dom["registered-model"]
+    assert f">{name}<" in model_dom
+    assert f"Version {champion['version']}" in model_dom
+    assert "champion" in model_dom, "alias champion not rendered on the registered model page"
+
+
+def test_server_script_rejects_a_non_s3_artifact_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad input to `make mlflow-server` is one line naming the option and what it must be."""
+    from scripts import mlflow_server
+
+    code = mlflow_server.main(["--artifacts-destination", "/srv/artifacts", "--work-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0
+    assert "--artifacts-destination must be an s3:// URI" in err and "/srv/artifacts" in err
+
+
+def test_server_script_names_the_missing_postgresql_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts import mlflow_server
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(mlflow_server.Path, "glob", lambda self, pattern: iter(()))
+    with pytest.raises(mlflow_server.ServerError, match="apt-get install -y postgresql"):
+        mlflow_server.pg_binary("initdb")
