@@ -88,9 +88,15 @@ def test_aupro_extremes_and_region_weighting() -> None:
 
 def test_threshold_policy_params_and_quantile() -> None:
     assert ThresholdPolicy.from_params({}) == ThresholdPolicy("f1", 0.99)
-    policy = ThresholdPolicy.from_params({"train": {"threshold": {"method": "normal_quantile", "quantile": 0.9}}})
+    policy = ThresholdPolicy.from_params(
+        {"train": {"threshold": {"method": "normal_quantile", "quantile": 0.9}}}
+    )
     assert policy == ThresholdPolicy("normal_quantile", 0.9)
-    for bad, match in (({"method": "otsu"}, "method"), ({"quantile": 1.5}, "quantile"), ({"qantile": 1}, "unknown")):
+    for bad, match in (
+        ({"method": "otsu"}, "method"),
+        ({"quantile": 1.5}, "quantile"),
+        ({"qantile": 1}, "unknown"),
+    ):
         with pytest.raises(ParamsError, match=match):
             ThresholdPolicy.from_params({"train": {"threshold": bad}})
     scores = np.arange(1, 101, dtype=float)
