@@ -139,3 +139,90 @@ def test_masks_pass_prepare_and_give_pixel_metrics(tmp_path: Path, monkeypatch: 
     assert metrics["pixel_AUROC"] > 0.5, metrics
     assert "pixel_PRO" not in metrics  # anomalib's fixed-threshold PRO is gone
     print({k: metrics[k] for k in ("pixel_AUROC", "pixel_AUPRO", "image_AUROC", "image_F1Score")})
+
+
+#: Peak resident memory the evaluate subprocess may reach; a watchdog kills it above this. The set
+#: below has 24 scored defect images with ~6 mask regions each at 256 px: anomalib's old PRO path
+#: built a ``pixels x regions`` int64 mesh of 30 * 65536 * ~150 * 8 B ~ 2.4 GB on top of the
+#: process (~1 GB), so it could not finish under this limit; the histogram path adds a few MB.
+#: (An address-space rlimit is no use here: oneDNN reserves virtual memory it never touches.)
+RSS_LIMIT_MB = 2000
+
+
+def _run_under_rss_limit(cmd: list[str], limit_mb: float, timeout_s: float) -> tuple[int, str, float]:
+    """Run ``cmd``, polling its resident memory; kill it when above ``limit_mb``.
+
+    Returns ``(returncode, stderr tail, highest RSS seen in MB)``; returncode -9 means killed.
+    """
+    import subprocess
+    import tempfile
+    import time
+
+    peak = 0.0
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                rss_kb = next(
+                    int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")
+                )
+                peak = max(peak, rss_kb / 1024)
+            except (OSError, StopIteration):
+                pass
+            if peak > limit_mb or time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.05)
+        err.seek(0)
+        return proc.returncode, err.read()[-3000:], peak
+
+
+def test_masked_evaluate_runs_under_a_memory_limit(tmp_path: Path) -> None:
+    import sys
+
+    from experiments import prepare
+    from experiments.train import train
+
+    raw = tmp_path / "data"
+    _raw_data(raw, n_train=12, n_good=6, n_defect=24, spots=5)
+    params = copy.deepcopy(BASE_PARAMS)
+    params["data"] = {
+        "root": str(raw),
+        "image_size": 256,
+        "max_train": 12,
+        "max_test_good": 6,
+        "max_test_defect": 24,
+        "max_val_good": 2,
+        "val_defect_ratio": 0.0,  # every defect is scored; validation is normal-only
+    }
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    dataset = tmp_path / "dataset"
+    prepare.prepare(params_path, dataset, tmp_path / "report.json")
+    models_dir = tmp_path / "models"
+    train("padim", params, dataset, models_dir / "padim", work_dir=tmp_path / "engine")
+
+    cmd = [sys.executable, "-m", "experiments.evaluate", "padim", "--params", str(params_path)]
+    cmd += [
+        "--dataset",
+        str(dataset),
+        "--models",
+        str(models_dir),
+        "--out",
+        str(tmp_path / "eval"),
+        "--no-mlflow",
+    ]
+    returncode, stderr, peak_mb = _run_under_rss_limit(cmd, RSS_LIMIT_MB, timeout_s=900)
+    assert peak_mb <= RSS_LIMIT_MB, f"evaluate exceeded {RSS_LIMIT_MB} MB resident and was killed"
+    assert returncode == 0, stderr
+    metrics = json.loads((tmp_path / "eval" / "padim" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "padim" / "summary.json").read_text())
+    assert summary["splits"]["scored"]["n_anomalous"] == 24
+    assert summary["threshold_policy"]["image"]["method"] == "normal_quantile"
+    assert 0.5 < metrics["pixel_AUROC"] <= 1.0 and 0.0 < metrics["pixel_AUPRO"] <= 1.0
+    print(
+        {k: metrics[k] for k in ("eval_peak_rss_mb", "pixel_AUROC", "pixel_AUPRO")},
+        f"polled peak {peak_mb:.0f} MB",
+    )
+    assert metrics["eval_peak_rss_mb"] < RSS_LIMIT_MB
