@@ -54,7 +54,8 @@ def synthesise(root: Path, n_train: int, n_good: int, n_defect: int, seed: int =
     for i in range(n_defect):
         image, mask = _texture(rng), np.zeros((SIZE, SIZE), dtype=np.uint8)
         for _ in range(int(rng.integers(1, 7))):
-            cy, cx, r = (int(v) for v in rng.integers(12, SIZE - 12, 2)) + (int(rng.integers(3, 12)),)
+            cy, cx = (int(v) for v in rng.integers(12, SIZE - 12, 2))
+            r = int(rng.integers(3, 12))
             blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             image[blob] = 230
             mask[blob] = 255
