@@ -359,6 +359,13 @@ def plan_splits(layout: DataLayout, p: DataParams) -> SplitPlan:
             f"{'' if layout.test_good else 'and test '}normals and still train (need at least "
             f"{2 if layout.test_good else 3})"
         )
+    if not layout.defect_images() and len(test_good) < 2:
+        where = p.root / "test" / GOOD if layout.test_good else p.root / "train" / GOOD
+        raise DataValidationError(
+            f"{where}: {len(test_good)} normal test image(s); without defect images the test split "
+            "paints synthetic anomalies on half of them, so it needs at least 2 (add images or raise "
+            "data.max_test_good)"
+        )
     defects = select_subset(layout.defect_images(), p.max_test_defect, p.seed)
     n_val_defect = min(round(len(defects) * p.val_defect_ratio), max(len(defects) - 1, 0))
     val_defect = sorted(_ranked(defects, p.seed, "val:")[:n_val_defect])

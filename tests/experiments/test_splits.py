@@ -131,6 +131,8 @@ def test_split_plan_is_disjoint_and_bounded() -> None:
     assert len(_plan(500, 30, 9, val_defect_ratio=0.0).val_defect) == 0
     with pytest.raises(DataValidationError, match="too few"):
         _plan(2, 0, 0)
+    with pytest.raises(DataValidationError, match="needs at least 2"):
+        _plan(9, 0, 0)  # 1 held-out normal: no room for synthetic anomalies and normals
 
 
 def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
