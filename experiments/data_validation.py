@@ -12,8 +12,12 @@ Decisions (also recorded in ``build/prepare/report.json``):
 * Images must be 8-bit, 1-channel (grayscale) or 3-channel (RGB, or a palette without
   transparency), and at least ``MIN_SIDE`` pixels on each side; anything else is an error, because
   converting alpha/CMYK/16-bit images to RGB silently changes what the model sees.
-* Masks (``ground_truth/<defect>/<stem>_mask.png``) are optional but all-or-nothing: either no
-  masks at all, or one per defect image. Partial masks would make pixel metrics silently wrong.
+* Masks (``ground_truth/<defect>/<stem>_mask.png``, or ``<stem>.png``) are optional but
+  all-or-nothing: either no masks at all, or one per defect image, paired by name (never by sorted
+  order). Partial masks would make pixel metrics silently wrong.
+* Only ``train/good`` is required: without ``test/`` (the usual first day, before any defect has
+  been collected) normal test images are held out from ``train/good`` and the pipeline evaluates on
+  synthetic anomalies (see ``plan_splits``).
 * Subsets are chosen by ranking sha256(seed + relative path), ties broken by name: deterministic,
   independent of file-system order and of Python's RNG, and stable when files are added.
 """
@@ -58,6 +62,8 @@ class DataParams:
     max_test_good: int
     max_test_defect: int
     seed: int
+    max_val_good: int = 50
+    val_defect_ratio: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,8 @@ def _int_param(section: Mapping[str, Any], key: str, label: str, minimum: int) -
 def validate_data_params(params: Mapping[str, Any]) -> DataParams:
     """Check ``seed`` and ``data.*``; counts must be >= 1 (a model needs training images, and
     AUROC needs both normal and defective test images) and image_size a positive multiple of 32
-    (the backbones downsample by 32)."""
+    (the backbones downsample by 32). ``max_val_good`` (default 50) and ``val_defect_ratio``
+    (default 0.5, in [0, 1)) shape the validation split (``plan_splits``)."""
     seed = _int_param(params, "seed", "seed", 0)
     data = params.get("data")
     if not isinstance(data, Mapping):
@@ -124,7 +131,15 @@ def validate_data_params(params: Mapping[str, Any]) -> DataParams:
         max_test_good=_int_param(data, "max_test_good", "data.max_test_good", 1),
         max_test_defect=_int_param(data, "max_test_defect", "data.max_test_defect", 1),
         seed=seed,
+        max_val_good=_int_param({"max_val_good": 50, **data}, "max_val_good", "data.max_val_good", 1),
+        val_defect_ratio=_ratio_param(data.get("val_defect_ratio", 0.5), "data.val_defect_ratio"),
     )
+
+
+def _ratio_param(value: Any, label: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ParamsError(f"params.yaml: {label} must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _visible(entries: Iterable[Path]) -> list[Path]:
@@ -175,19 +190,17 @@ def scan_layout(root: Path) -> DataLayout:
         raise DataValidationError(f"{train / GOOD}: no training images")
 
     test = root / "test"
-    _require_dir(test)
-    for entry in _visible(test.iterdir()):
-        if not entry.is_dir():
-            raise DataValidationError(f"unexpected file {entry} (test/ holds category folders only)")
-        if entry.name == GOOD:
-            layout.test_good = _list_images(entry, root)
-        else:
-            layout.test_defect[entry.name] = _list_images(entry, root)
-    _require_dir(test / GOOD)
-    if not layout.test_good:
-        raise DataValidationError(f"{test / GOOD}: no normal test images")
-    if not layout.defect_images():
-        raise DataValidationError(f"{test}: no defect images (expected test/<defect>/*.png)")
+    if test.exists():  # optional: without it, test normals are held out from train/good
+        _require_dir(test)
+        for entry in _visible(test.iterdir()):
+            if not entry.is_dir():
+                raise DataValidationError(f"unexpected file {entry} (test/ holds category folders only)")
+            if entry.name == GOOD:
+                layout.test_good = _list_images(entry, root)
+            else:
+                layout.test_defect[entry.name] = _list_images(entry, root)
+                if not layout.test_defect[entry.name]:
+                    raise DataValidationError(f"{entry}: empty defect folder (remove it or add its images)")
 
     gt = root / "ground_truth"
     if gt.exists():
@@ -197,7 +210,11 @@ def scan_layout(root: Path) -> DataLayout:
 
 
 def _scan_masks(gt: Path, root: Path, layout: DataLayout) -> dict[str, str]:
-    """Pair ``ground_truth/<defect>/<stem>_mask.png`` with ``test/<defect>/<stem>.*``."""
+    """Pair ``ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>.png``) with ``test/<defect>/<stem>.*``.
+
+    Pairing is by exact stem, so ``anomaly-1_mask`` can only belong to ``anomaly-1`` whatever the
+    sort order of the names; a mask name that fits two images (``a`` and ``a_mask``) is an error.
+    """
     masks: dict[str, str] = {}
     for category in _visible(gt.iterdir()):
         if not category.is_dir():
@@ -207,13 +224,23 @@ def _scan_masks(gt: Path, root: Path, layout: DataLayout) -> dict[str, str]:
         images = {Path(p).stem: p for p in layout.test_defect.get(category.name, [])}
         for mask in _list_images(category, root):
             stem = Path(mask).stem
-            if not stem.endswith(MASK_SUFFIX):
-                raise DataValidationError(f"{root / mask}: mask name must be <image stem>{MASK_SUFFIX}.png")
-            image = images.get(stem[: -len(MASK_SUFFIX)])
-            if image is None:
-                expected = root / "test" / category.name / f"{stem[: -len(MASK_SUFFIX)]}.png"
-                raise DataValidationError(f"{root / mask}: mask without image (no {expected})")
-            masks[image] = mask
+            candidates = [stem, stem[: -len(MASK_SUFFIX)]] if stem.endswith(MASK_SUFFIX) else [stem]
+            matches = [images[c] for c in candidates if c in images]
+            if not matches:
+                expected = root / "test" / category.name / f"{candidates[-1]}.png"
+                raise DataValidationError(
+                    f"{root / mask}: mask without image (no {expected}; "
+                    f"name masks <image stem>{MASK_SUFFIX}.png)"
+                )
+            if len(matches) > 1:
+                raise DataValidationError(
+                    f"{root / mask}: ambiguous mask name, fits both {matches[0]} and {matches[1]}"
+                )
+            if matches[0] in masks:
+                raise DataValidationError(
+                    f"{root / mask}: second mask for {root / matches[0]} ({masks[matches[0]]})"
+                )
+            masks[matches[0]] = mask
     if masks:
         for image in layout.defect_images():
             if image not in masks:
@@ -260,10 +287,90 @@ def check_mask(path: Path, image: ImageInfo) -> None:
         raise DataValidationError(f"{path}: mask is {width}x{height} but its image is {image.size}")
 
 
+def _ranked(paths: Sequence[str], seed: int, salt: str = "") -> list[str]:
+    """``paths`` in the order of sha256(salt + seed + path), ties by name."""
+    return sorted(paths, key=lambda p: (hashlib.sha256(f"{salt}{seed}:{p}".encode()).hexdigest(), p))
+
+
 def select_subset(paths: Sequence[str], k: int, seed: int) -> list[str]:
     """Deterministically choose ``min(k, len(paths))`` paths; returned sorted by name."""
-    ranked = sorted(paths, key=lambda p: (hashlib.sha256(f"{seed}:{p}".encode()).hexdigest(), p))
-    return sorted(ranked[:k])
+    return sorted(_ranked(paths, seed)[:k])
+
+
+#: At most this share of train/good is held out for validation (and again for testing, when
+#: data/ has no test/good), so that small folders still leave most images for training.
+HOLDOUT_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which source images go where; every list sorted, the lists pairwise disjoint.
+
+    ``val_*`` set the threshold and the min/max normalisation, ``test_*`` are scored, and neither
+    is ever trained on. ``synthetic`` means there is no defect image: the test split gets anomalib's
+    synthetic anomalies painted on half of ``test_good``.
+    """
+
+    train: list[str]
+    val_good: list[str]
+    val_defect: list[str]
+    test_good: list[str]
+    test_defect: list[str]
+
+    @property
+    def synthetic(self) -> bool:
+        return not self.test_defect
+
+    def groups(self) -> dict[str, list[str]]:
+        return {
+            "train": self.train,
+            "val_good": self.val_good,
+            "val_defect": self.val_defect,
+            "test_good": self.test_good,
+            "test_defect": self.test_defect,
+        }
+
+
+def plan_splits(layout: DataLayout, p: DataParams) -> SplitPlan:
+    """Split deterministically (hash ranking, see ``select_subset``) into train / val / test.
+
+    * val normals: ``min(max_val_good, 20 % of train/good)`` held-out train/good images;
+    * test normals: ``max_test_good`` of test/good, or, without test/good, another held-out 20 % of
+      train/good (at most ``max_test_good``);
+    * train: up to ``max_train`` of what is left of train/good;
+    * defects: ``max_test_defect`` chosen, of which a seeded ``val_defect_ratio`` share goes to
+      validation (so that the F1 threshold can be learned) and the rest is scored; with ratio 0 the
+      validation split is normal-only and the threshold is a normal quantile.
+    """
+    pool = _ranked(layout.train_good, p.seed, "split:")
+    share = max(1, int(len(pool) * HOLDOUT_SHARE))
+    n_val = min(p.max_val_good, share)
+    val_good, pool = pool[:n_val], pool[n_val:]
+    if layout.test_good:
+        test_good = select_subset(layout.test_good, p.max_test_good, p.seed)
+    else:
+        n_test = min(p.max_test_good, share)
+        test_good, pool = pool[:n_test], pool[n_test:]
+    train = pool[: p.max_train]
+    if not train:
+        raise DataValidationError(
+            f"{p.root / 'train' / GOOD}: {len(layout.train_good)} image(s) are too few to hold out "
+            "validation "
+            f"{'' if layout.test_good else 'and test '}normals and still train (need at least "
+            f"{2 if layout.test_good else 3})"
+        )
+    if not layout.defect_images() and len(test_good) < 2:
+        where = p.root / "test" / GOOD if layout.test_good else p.root / "train" / GOOD
+        raise DataValidationError(
+            f"{where}: {len(test_good)} normal test image(s); without defect images the test split "
+            "paints synthetic anomalies on half of them, so it needs at least 2 (add images or raise "
+            "data.max_test_good)"
+        )
+    defects = select_subset(layout.defect_images(), p.max_test_defect, p.seed)
+    n_val_defect = min(round(len(defects) * p.val_defect_ratio), max(len(defects) - 1, 0))
+    val_defect = sorted(_ranked(defects, p.seed, "val:")[:n_val_defect])
+    test_defect = sorted(set(defects) - set(val_defect))
+    return SplitPlan(sorted(train), sorted(val_good), val_defect, sorted(test_good), test_defect)
 
 
 def dvc_dir_md5(root: Path) -> str:

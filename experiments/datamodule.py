@@ -1,16 +1,18 @@
-"""The anomalib ``Folder`` datamodule over ``build/dataset`` (MVTec AD layout), built one way only.
+"""The anomalib datamodule over ``build/dataset``, built one way only, with explicit splits.
 
 Train and evaluate must see the *same* splits: anomalib learns the image threshold and the
 min/max normalisation on the validation split during ``fit`` and stores them in the checkpoint,
-so evaluate has to rebuild an identical datamodule (same seed, same split settings) to test on
-exactly the held-out remainder.
+and evaluate scores the test split. Both splits are folders written by ``prepare`` (disjoint,
+seeded), so the validation images are never the scored ones (no peeking)::
 
-Layout::
+    <root>/train/good/                       training normals
+    <root>/val/good/, <root>/val/<defect>/   validation (threshold, normalisation); defects optional
+    <root>/test/good/, <root>/test/<defect>/ scored; without any test/<defect>, anomalib's
+                                             synthetic anomalies on half of test/good (labelled so)
+    <root>/ground_truth/<val|test>/<defect>/<image stem>.png   optional masks, all-or-nothing
 
-    <root>/train/good/*.png                normal training images
-    <root>/test/good/*.png                 normal test images
-    <root>/test/<defect>/*.png             one folder per defect type (ELPV: "defect")
-    <root>/ground_truth/<defect>/*_mask.png  optional pixel masks, all-or-nothing
+Masks carry their image's exact stem; anomalib pairs them by sorted order, which is then the same
+order, and :func:`_check_pairs` refuses any other pairing instead of trusting it.
 """
 
 from __future__ import annotations
@@ -19,28 +21,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.config import ParamsError
-
 if TYPE_CHECKING:
     from anomalib.data import Folder
 
-DATASET_NAME = "elpv"
-VAL_SPLIT_MODES = ("from_test", "same_as_test", "synthetic")
+DATASET_NAME = "inspection"
 
 
 class DatasetLayoutError(RuntimeError):
-    """``build/dataset`` does not have the MVTec layout the pipeline expects."""
+    """``build/dataset`` does not have the layout the pipeline expects."""
 
 
-def defect_dirs(root: Path) -> list[str]:
-    """Relative paths of the defect folders under ``test/`` (every folder except ``good``), sorted."""
-    test = root / "test"
-    dirs = sorted(p.name for p in test.iterdir() if p.is_dir() and p.name != "good") if test.is_dir() else []
-    return [f"test/{name}" for name in dirs]
+def defect_dirs(root: Path, split: str = "test") -> list[str]:
+    """Relative paths of the defect folders under ``<split>/`` (every folder except ``good``), sorted."""
+    folder = root / split
+    dirs = (
+        sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "good") if folder.is_dir() else []
+    )
+    return [f"{split}/{name}" for name in dirs]
 
 
-def mask_dirs(root: Path) -> list[str]:
-    """``ground_truth/<defect>`` for every defect folder, or ``[]`` when the data set has no masks.
+def mask_dirs(root: Path, split: str = "test") -> list[str]:
+    """``ground_truth/<split>/<defect>`` for every defect folder of ``split``, or ``[]`` without masks.
 
     Partial masks are an error: anomalib pairs masks with images by sorted order, so a missing
     folder would silently shift every pairing.
@@ -48,52 +49,123 @@ def mask_dirs(root: Path) -> list[str]:
     gt = root / "ground_truth"
     if not gt.is_dir():
         return []
-    wanted = [f"ground_truth/{Path(d).name}" for d in defect_dirs(root)]
+    wanted = [f"ground_truth/{d}" for d in defect_dirs(root, split)]
     missing = [d for d in wanted if not (root / d).is_dir()]
     if missing:
         raise DatasetLayoutError(f"{gt} exists but has no mask folder(s) {missing}")
     return wanted
 
 
+def has_masks(root: Path) -> bool:
+    """True when the scored split has pixel masks (real defects with masks, or synthetic anomalies)."""
+    return bool(mask_dirs(root)) or is_synthetic(root)
+
+
+def is_synthetic(root: Path) -> bool:
+    """No defect images at all: the test split is made of anomalib's synthetic anomalies."""
+    return not defect_dirs(root, "test")
+
+
 def check_layout(root: Path) -> None:
     """Fail early, naming the folder, instead of deep inside anomalib's dataframe code."""
-    for rel in ("train/good", "test/good"):
+    for rel in ("train/good", "val/good", "test/good"):
         folder = root / rel
         if not folder.is_dir() or not any(folder.iterdir()):
             raise DatasetLayoutError(
                 f"{folder} is missing or empty (run the prepare stage: dvc repro prepare)"
             )
-    if not defect_dirs(root):
-        raise DatasetLayoutError(f"{root / 'test'} has no defect folder (e.g. test/defect)")
+
+
+def _check_pairs(dataset: Any) -> None:
+    """Each anomalous sample's mask must carry exactly its image's stem (anomalib checks a substring)."""
+    frame = dataset.samples
+    if "mask_path" not in frame:
+        return
+    for image, mask in zip(frame.image_path, frame.mask_path, strict=True):
+        if mask and Path(mask).stem != Path(image).stem:
+            raise DatasetLayoutError(f"mask {mask} paired with image {image}: names differ (re-run prepare)")
+
+
+def _folder_dataset(root: Path, split: str) -> Any:
+    """Normal + defect images (and masks) of ``<root>/<split>/`` as an anomalib test-type dataset."""
+    from anomalib.data.datasets import FolderDataset
+    from anomalib.data.utils import Split
+
+    dataset = FolderDataset(
+        name=DATASET_NAME,
+        split=Split.TEST,
+        root=root,
+        normal_dir="train/good",  # only the TRAIN split would use it; it is filtered out here
+        normal_test_dir=f"{split}/good",
+        abnormal_dir=defect_dirs(root, split) or None,
+        mask_dir=mask_dirs(root, split) or None,
+    )
+    _check_pairs(dataset)
+    return dataset
 
 
 def build_datamodule(params: Mapping[str, Any], root: Path) -> Folder:
-    """The pipeline's datamodule: batch sizes, workers, split and seed all come from ``params``."""
+    """The pipeline's datamodule: batch sizes, workers and seed come from ``params``, splits from folders."""
     from anomalib.data import Folder
+    from anomalib.data.datasets import FolderDataset
+    from anomalib.data.utils import Split
 
     root = Path(root)
     check_layout(root)
     train = params.get("train") or {}
-    split_mode = train.get("val_split_mode", "from_test")
-    if split_mode not in VAL_SPLIT_MODES:
-        raise ParamsError(
-            f"params.yaml: train.val_split_mode must be one of {VAL_SPLIT_MODES}, got {split_mode!r}"
-        )
-    split_ratio = train.get("val_split_ratio", 0.5)
-    if isinstance(split_ratio, bool) or not isinstance(split_ratio, int | float) or not 0 < split_ratio < 1:
-        raise ParamsError(f"params.yaml: train.val_split_ratio must be in (0, 1), got {split_ratio!r}")
-    masks = mask_dirs(root)
-    return Folder(
+
+    class _SplitFolders(Folder):
+        """``Folder`` whose validation split is ``val/`` (never the scored ``test/``)."""
+
+        def _setup(self, _stage: str | None = None) -> None:
+            self.train_data = FolderDataset(
+                name=DATASET_NAME, split=Split.TRAIN, root=root, normal_dir="train/good"
+            )
+            self.val_data = _folder_dataset(root, "val")
+            self.test_data = _folder_dataset(root, "test")
+
+    return _SplitFolders(
         name=DATASET_NAME,
         root=root,
         normal_dir="train/good",
-        abnormal_dir=defect_dirs(root),
-        normal_test_dir="test/good",
-        mask_dir=masks or None,
         train_batch_size=int(train.get("batch_size", 16)),
         eval_batch_size=int(train.get("batch_size", 16)),
         num_workers=int(train.get("num_workers", 0)),
-        val_split_mode=split_mode,
-        val_split_ratio=float(split_ratio),
+        val_split_mode="from_dir",  # val_data is set by _setup
+        # from_dir keeps test/ as is; synthetic replaces it with anomalies painted on half of test/good
+        test_split_mode="synthetic" if is_synthetic(root) else "from_dir",
         seed=int(params["seed"]),
     )
+
+
+def split_record(datamodule: Any, root: Path) -> dict[str, Any]:
+    """Which images set the threshold (val) and which were scored (test): counts, names and a hash.
+
+    Synthetic anomalous images live in a temporary folder and are named by index, so for them the
+    record lists the normal source images of ``test/good`` instead.
+    """
+    import hashlib
+
+    def describe(frame: Any, base: Path | None) -> dict[str, Any]:
+        paths = [Path(p).resolve() for p in frame.image_path]
+        names = sorted(
+            p.relative_to(base).as_posix() if base and p.is_relative_to(base) else p.name for p in paths
+        )
+        labels = [int(x) for x in frame.label_index]
+        return {
+            "n_normal": labels.count(0),
+            "n_anomalous": labels.count(1),
+            "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+            "files": names,
+        }
+
+    root = Path(root).resolve()
+    test = describe(datamodule.test_data.samples, root)
+    if is_synthetic(root):
+        sources = sorted(f"test/good/{p.name}" for p in (root / "test" / "good").iterdir())
+        test |= {"files": sources, "sha256": hashlib.sha256("\n".join(sources).encode()).hexdigest()}
+    return {
+        "test_set": "synthetic" if is_synthetic(root) else "real",
+        "threshold_set_by": describe(datamodule.val_data.samples, root),
+        "scored": test,
+    }

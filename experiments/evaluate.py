@@ -5,13 +5,18 @@ Usage: ``python -m experiments.evaluate <model> [--params params.yaml] [--datase
 
 Steps, and why:
 
-1. ``engine.test`` with anomalib's evaluator on the held-out test split: the official metrics
-   (image AUROC/F1, pixel AUROC/PRO when masks exist), computed the way anomalib users expect.
+1. ``engine.test`` with anomalib's evaluator on the held-out test split (``build/dataset/test``,
+   never the validation split that set the threshold): image AUROC and F1, computed the way
+   anomalib users expect. When the data has no defect images, the test split is anomalib's
+   synthetic anomalies on held-out normals, and every output says so (``test_set: synthetic``).
 2. Export with anomalib's ``to_onnx`` (fixed ``[1,3,S,S]``), then score every test image through
    *both* the torch module and ONNX Runtime, fed exactly like serving feeds the Lambda (PIL RGB,
    bilinear resize to SxS, float32 in [0,1]). ``onnx_max_abs_diff`` is the largest ``pred_score``
    gap; above ``evaluate.onnx_tolerance`` the stage fails, because the registry would otherwise
    promote a model that does not behave like the one that was measured.
+   The same pass computes ``pixel_AUROC`` and ``pixel_AUPRO`` (MVTec AU-PRO, FPR <= 0.3) from the
+   raw anomaly maps against the masks, in bounded memory (:mod:`experiments.metrics`), when the
+   scored images have masks (real masks, or the synthetic anomalies' own masks).
 3. ROC/PR curves and heat maps from the ONNX scores, i.e. from what is actually deployed.
 4. Latencies (median, batch 1, one thread each, after warm-up) and the ONNX file size.
 5. One MLflow run per model: params, metrics, curves, heat maps and the ONNX model (with its
@@ -35,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from experiments.config import ParamsError, load_params
-from experiments.datamodule import build_datamodule, mask_dirs
+from experiments.datamodule import build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, ort_session, run_ort
+from experiments.metrics import StreamingPixelMetrics
 from experiments.models import build_model, model_params
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
@@ -80,16 +86,31 @@ def load_serving_input(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(array.transpose(2, 0, 1)[None]), np.asarray(rgb.convert("L"))
 
 
-def _test_samples(datamodule: Any) -> list[tuple[Path, int]]:
-    """(image path, label) of the test split anomalib evaluated, sorted by path for stable output."""
+def _test_samples(datamodule: Any) -> list[tuple[Path, int, Path | None]]:
+    """(image path, label, mask path or None) of the test split anomalib evaluated, sorted by path."""
     frame = datamodule.test_data.samples
-    return sorted((Path(p), int(label)) for p, label in zip(frame.image_path, frame.label_index, strict=True))
+    masks = frame.mask_path if "mask_path" in frame else [None] * len(frame)
+    out = []
+    for path, label, mask in zip(frame.image_path, frame.label_index, masks, strict=True):
+        mask_path = Path(mask) if isinstance(mask, str) and mask else None
+        out.append((Path(path), int(label), mask_path))
+    return sorted(out, key=lambda s: (s[0], s[1]))
 
 
-def _heatmap_picks(samples: list[tuple[Path, int]], n: int) -> list[int]:
+def load_mask(path: Path | None, size: int) -> np.ndarray:
+    """A ground-truth mask at the model's input size (nearest neighbour), bool; all False for ``None``."""
+    from PIL import Image
+
+    if path is None:
+        return np.zeros((size, size), dtype=bool)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0
+
+
+def _heatmap_picks(samples: list[tuple[Path, int, Path | None]], n: int) -> list[int]:
     """Indices of the first ``ceil(n/2)`` defective and ``floor(n/2)`` normal test images."""
-    defects = [i for i, (_, label) in enumerate(samples) if label == 1]
-    normals = [i for i, (_, label) in enumerate(samples) if label == 0]
+    defects = [i for i, (_, label, _) in enumerate(samples) if label == 1]
+    normals = [i for i, (_, label, _) in enumerate(samples) if label == 0]
     return defects[: math.ceil(n / 2)] + normals[: n // 2]
 
 
@@ -100,13 +121,19 @@ def _map2d(anomaly_map: np.ndarray) -> np.ndarray:
 def compare_and_score(
     model: Any,
     onnx_path: Path,
-    samples: list[tuple[Path, int]],
+    samples: list[tuple[Path, int, Path | None]],
     size: int,
     heatmap_dir: Path,
     n_heatmaps: int,
     model_name: str,
+    pixel_metrics: StreamingPixelMetrics | None = None,
 ) -> dict[str, Any]:
-    """Score every test image with torch and ONNX Runtime; return scores and the largest gaps."""
+    """Score every test image with torch and ONNX Runtime; return scores and the largest gaps.
+
+    With ``pixel_metrics``, each image's raw (pre-normalisation) anomaly map and its mask are added
+    to it: raw maps, because the normalised ones are clipped to [0, 1] and ties there would bias
+    pixel AUROC / AU-PRO. One image at a time, so memory does not grow with the test set.
+    """
     import torch
 
     session = ort_session(onnx_path)
@@ -116,10 +143,15 @@ def compare_and_score(
     first_input: np.ndarray | None = None
     model.eval()
     with torch.inference_mode():
-        for index, (path, label) in enumerate(samples):
+        for index, (path, label, mask_path) in enumerate(samples):
             x, grey = load_serving_input(path, size)
             first_input = x if first_input is None else first_input
-            torch_out = model(torch.from_numpy(x))
+            raw = model.model(model.pre_processor(torch.from_numpy(x)))  # = model(x) before post-processing
+            torch_out = model.post_processor(raw)
+            if pixel_metrics is not None:
+                pixel_metrics.update(
+                    _map2d(raw.anomaly_map.detach().cpu().numpy()), load_mask(mask_path, size)
+                )
             ort_out = run_ort(session, x)
             torch_score = torch_out.pred_score.detach().cpu().numpy().reshape(-1)
             ort_score = np.asarray(ort_out["pred_score"]).reshape(-1)
@@ -136,7 +168,7 @@ def compare_and_score(
                 save_heatmap(heatmap_dir / f"{kind}_{path.stem}.png", grey, ort_map, title)
     assert first_input is not None
     return {
-        "labels": [label for _, label in samples],
+        "labels": [label for _, label, _ in samples],
         "scores": ort_scores,
         "onnx_max_abs_diff": score_diff,
         "onnx_map_max_abs_diff": map_diff,
@@ -184,11 +216,13 @@ def log_to_mlflow(
 
     experiment_id = tracking.get_or_create_experiment()
     tags = tracking.run_tags(model_name, params, f"evaluate@{model_name}")
+    # "synthetic": metrics are on anomalib's synthetic anomalies (no real defect images yet)
+    tags["test_set"] = "synthetic" if metrics.get("test_synthetic") else "real"
     logged = {key: params.get(key) for key in LOGGED_PARAM_SECTIONS} | {
         "model": model_params(model_name, params)
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=tags) as run:
-        mlflow.log_params(tracking.flatten(logged))
+        mlflow.log_params(tracking.flatten(logged) | {"test_set": tags["test_set"]})
         mlflow.log_metrics(metrics)
         mlflow.log_dict(train_record, "train/train.json")
         mlflow.log_artifacts(str(out_dir / "plots"), artifact_path="plots")
@@ -235,9 +269,9 @@ def evaluate(
     (out_dir / "plots").mkdir(parents=True)
     (out_dir / "heatmaps").mkdir(parents=True)
 
-    with_masks = bool(mask_dirs(dataset))
-    model = build_model(model_name, params, with_masks=with_masks)
+    model = build_model(model_name, params)
     datamodule = build_datamodule(params, dataset)
+    synthetic = is_synthetic(dataset)
     engine = make_engine(params, model_name, work_dir / f"{model_name}-test")
     start = time.perf_counter()
     results = engine.test(model=model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
@@ -246,8 +280,19 @@ def evaluate(
 
     onnx_path = export_onnx(model, out_dir / "onnx", size)
     samples = _test_samples(datamodule)
+    post = model.post_processor
+    pixel_metrics = (
+        StreamingPixelMetrics(float(post.pixel_min), float(post.pixel_max)) if has_masks(dataset) else None
+    )
     scored = compare_and_score(
-        model, onnx_path, samples, size, out_dir / "heatmaps", settings["n_heatmaps"], model_name
+        model,
+        onnx_path,
+        samples,
+        size,
+        out_dir / "heatmaps",
+        settings["n_heatmaps"],
+        model_name,
+        pixel_metrics,
     )
     curves = roc_pr(scored["labels"], scored["scores"])
     write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
@@ -260,8 +305,12 @@ def evaluate(
 
     train_json = models_dir / model_name / "train.json"
     train_record = json.loads(train_json.read_text()) if train_json.is_file() else {}
+    if pixel_metrics is not None:
+        anomalib_metrics |= pixel_metrics.compute()
     metrics: dict[str, float] = {
         **{k: round(v, 6) for k, v in sorted(anomalib_metrics.items())},
+        # 1: scored on anomalib's synthetic anomalies (data/ has no defect images), not real defects
+        "test_synthetic": 1.0 if synthetic else 0.0,
         "onnx_image_AUROC": round(float(roc_auc_score(scored["labels"], scored["scores"])), 6),
         "latency_ms": round(ort_ms, 3),
         "torch_latency_ms": round(torch_ms, 3),
@@ -281,7 +330,6 @@ def evaluate(
             f"(> evaluate.onnx_tolerance = {settings['onnx_tolerance']}); not logging this model"
         )
 
-    post = model.post_processor
     summary: dict[str, Any] = {
         "model": model_name,
         "run_id": None,
@@ -296,6 +344,10 @@ def evaluate(
         "input_name": scored["session"].get_inputs()[0].name,
         "outputs": [o.name for o in scored["session"].get_outputs()],
         "n_test_images": len(samples),
+        "test_set": "synthetic" if synthetic else "real",
+        # threshold policy as applied in train (method, why, counts), and which images set it / were scored
+        "threshold_policy": train_record.get("threshold"),
+        "splits": split_record(datamodule, dataset),
     }
     from experiments import tracking
 

@@ -145,38 +145,39 @@ def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _evaluator(with_masks: bool) -> Any:
-    """Image AUROC/F1 always; pixel AUROC and PRO only when ground-truth masks exist.
+def _evaluator() -> Any:
+    """Image AUROC/F1 only.
 
-    Pixel metrics are left out (rather than ``strict=False``) without masks so that ``metrics.json``
-    never carries a meaningless pixel value.
+    Pixel metrics are not anomalib's here: its pixel ``AUROC`` keeps every test pixel and its ``PRO``
+    (one fixed threshold, not the literature's AU-PRO) needs gigabytes under deterministic mode, so
+    evaluate.py computes ``pixel_AUROC`` and ``pixel_AUPRO`` in bounded memory
+    (:mod:`experiments.metrics`).
     """
-    from anomalib.metrics import AUROC, PRO, Evaluator, F1Score
+    from anomalib.metrics import AUROC, Evaluator, F1Score
 
-    metrics = [
-        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-        F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-    ]
-    if with_masks:
-        metrics += [
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
-            PRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
         ]
-    return Evaluator(test_metrics=metrics)
+    )
 
 
 def build_model(
     name: str,
     params: Mapping[str, Any],
     *,
-    with_masks: bool = False,
     visualizer: bool = False,
 ) -> AnomalibModule:
     """Return a fresh anomalib module for ``name`` configured from ``params``.
 
     ``visualizer`` is off by default: anomalib's visualizer writes one image per test sample, while
-    the pipeline only keeps ``evaluate.n_heatmaps`` overlays (written by evaluate.py).
+    the pipeline only keeps ``evaluate.n_heatmaps`` overlays (written by evaluate.py). The
+    post-processor applies ``train.threshold`` (:func:`experiments.metrics.make_post_processor`).
     """
+    from experiments.metrics import ThresholdPolicy, make_post_processor
+
+    policy = ThresholdPolicy.from_params(params)
     kwargs = model_params(name, params)
     kwargs.pop("max_epochs")
     size = int(params["data"]["image_size"])
@@ -197,7 +198,8 @@ def build_model(
     common: dict[str, Any] = {
         "backbone": TIMM_NAME,
         "pre_processor": cls.configure_pre_processor(image_size=(size, size)),
-        "evaluator": _evaluator(with_masks),
+        "evaluator": _evaluator(),
+        "post_processor": make_post_processor(policy),
         "visualizer": visualizer,
     }
     if name != "stfpm":  # STFPM's teacher is always pretrained and its student never is

@@ -2,11 +2,20 @@
 
 Reads ``seed`` and ``data.*`` from params.yaml, validates every image (and mask) of ``data/`` with
 ``experiments.data_validation`` (exit 1 with one message naming the offending file or folder),
-then copies ``data.max_train`` / ``max_test_good`` / ``max_test_defect`` images (chosen by
-``select_subset``) into ``build/dataset/`` in the same MVTec AD layout, and writes
-``build/prepare/report.json``. Bytes are copied unchanged when the chosen images share one size;
-otherwise they are resized to ``image_size`` (bilinear; masks nearest) so the output has one size.
-The output is byte-identical across runs (no timestamps, sorted everything).
+splits it with ``plan_splits`` (train / validation / test, disjoint, seeded) and writes::
+
+    build/dataset/train/good/                 training normals
+    build/dataset/val/good/, val/<defect>/    validation: sets the threshold and normalisation
+    build/dataset/test/good/, test/<defect>/  scored; no test/<defect> = synthetic anomalies
+    build/dataset/ground_truth/<val|test>/<defect>/<image stem>.png   masks, under the image's own stem
+
+Masks are written under their image's exact stem because anomalib pairs masks with images by
+sorted order: ``anomaly-1_mask`` sorts after ``anomaly-19_mask`` while ``anomaly-1`` sorts before
+``anomaly-10``, so source names would be mis-paired. ``build/prepare/report.json`` lists which
+images set the threshold (val) and which are scored (test). Bytes are copied unchanged when the
+chosen images share one size; otherwise they are resized to ``image_size`` (bilinear; masks
+nearest) so the output has one size. The output is byte-identical across runs (no timestamps,
+sorted everything).
 
 Usage: ``python -m experiments.prepare [--params params.yaml]``.
 """
@@ -14,6 +23,7 @@ Usage: ``python -m experiments.prepare [--params params.yaml]``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,15 +37,15 @@ from tqdm import tqdm
 
 from experiments.config import ParamsError, load_params
 from experiments.data_validation import (
-    MASK_SUFFIX,
     DataParams,
     DataValidationError,
+    SplitPlan,
     check_image,
     check_mask,
     dvc_dir_md5,
+    plan_splits,
     recorded_md5,
     scan_layout,
-    select_subset,
     validate_data_params,
 )
 
@@ -54,6 +64,30 @@ def _write_file(src: Path, dest: Path, resize_to: int | None, is_mask: bool = Fa
         im.resize((resize_to, resize_to), resample).save(dest, format="PNG")
 
 
+def _destinations(plan: SplitPlan) -> dict[str, str]:
+    """Source path (relative to data/) -> path under build/dataset, keeping the file name."""
+    dest: dict[str, str] = {}
+    for group, paths in plan.groups().items():
+        split = {"train": "train", "val_good": "val", "val_defect": "val"}.get(group, "test")
+        for rel in paths:
+            category = Path(rel).parent.name  # "good" for train/test normals, else the defect
+            dest[rel] = f"{split}/{category}/{Path(rel).name}"
+    if len(set(dest.values())) != len(dest):  # e.g. train/good/a.png and test/good/a.png both in test
+        seen: dict[str, str] = {}
+        for rel, target in dest.items():
+            if target in seen:
+                raise DataValidationError(
+                    f"{rel} and {seen[target]} would both become build/dataset/{target}; rename one"
+                )
+            seen[target] = rel
+    return dest
+
+
+def files_sha256(paths: list[str]) -> str:
+    """sha256 of the sorted, newline-joined relative paths: a short id of a split's membership."""
+    return hashlib.sha256("\n".join(sorted(paths)).encode("utf-8")).hexdigest()
+
+
 def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     """Run the stage; return the report (also written to ``report_path``)."""
     p: DataParams = validate_data_params(load_params(params_path))
@@ -63,26 +97,27 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     for image, mask in layout.masks.items():
         check_mask(p.root / mask, infos[image])
 
-    chosen = [
-        *select_subset(layout.train_good, p.max_train, p.seed),
-        *select_subset(layout.test_good, p.max_test_good, p.seed),
-        *select_subset(layout.defect_images(), p.max_test_defect, p.seed),
-    ]
+    plan = plan_splits(layout, p)
+    destinations = _destinations(plan)
+    chosen = list(destinations)
     sizes = sorted({infos[rel].size for rel in chosen})
     resize_to = p.image_size if len(sizes) > 1 else None
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     files: list[str] = []
+    split_files: dict[str, list[str]] = {}
     try:
         for rel in tqdm(chosen, desc="copy", unit="img", mininterval=1.0):
-            dest = rel if resize_to is None else str(Path(rel).with_suffix(".png").as_posix())
+            dest = destinations[rel]
+            dest = dest if resize_to is None else Path(dest).with_suffix(".png").as_posix()
             _write_file(p.root / rel, tmp / dest, resize_to)
             files.append(dest)
+            split_files.setdefault(dest.split("/", 1)[0], []).append(dest)
             if rel in layout.masks:
-                mask_rel = f"ground_truth/{Path(rel).parent.name}/{Path(dest).stem}{MASK_SUFFIX}.png"
-                mask_src = p.root / layout.masks[rel]
-                _write_file(mask_src, tmp / mask_rel, resize_to, is_mask=True)
+                split, category = Path(dest).parts[:2]
+                mask_rel = f"ground_truth/{split}/{category}/{Path(dest).stem}.png"
+                _write_file(p.root / layout.masks[rel], tmp / mask_rel, resize_to, is_mask=True)
                 files.append(mask_rel)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -107,9 +142,24 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
             "max_train": p.max_train,
             "max_test_good": p.max_test_good,
             "max_test_defect": p.max_test_defect,
+            "max_val_good": p.max_val_good,
+            "val_defect_ratio": p.val_defect_ratio,
         },
+        # Which images set the threshold/normalisation (val) and which are scored (test): disjoint
+        # from each other and from train. "synthetic": no defect images, so the test split gets
+        # anomalib's synthetic anomalies on half of test/good.
+        "test_set": "synthetic" if plan.synthetic else "real",
+        "splits": {
+            split: {
+                "count": len(paths),
+                "sha256": files_sha256(paths),
+                "files": sorted(paths) if split != "train" else None,
+            }
+            for split, paths in sorted(split_files.items())
+        },
+        "sources": {group: len(paths) for group, paths in plan.groups().items()},
         "available": by_folder(layout.images()),
-        "selected": by_folder(chosen),
+        "selected": by_folder(list(destinations.values())),  # folders of build/dataset
         "masks": {"available": len(layout.masks), "selected": sum(rel in layout.masks for rel in chosen)},
         "sizes_seen": dict(sorted(Counter(info.size for info in infos.values()).items())),
         "modes_seen": dict(sorted(Counter(info.mode for info in infos.values()).items())),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import load_params
-from experiments.datamodule import build_datamodule, mask_dirs
+from experiments.datamodule import build_datamodule, split_record
 from experiments.models import build_model, model_params
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
 
@@ -71,7 +71,7 @@ def train(
 
     seed_everything(int(params["seed"]))
     quiet_third_party_warnings()
-    model = build_model(model_name, params, with_masks=bool(mask_dirs(dataset)))
+    model = build_model(model_name, params)
     datamodule = build_datamodule(params, dataset)
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -99,6 +99,9 @@ def train(
         "n_val_images": len(datamodule.val_data),
         "epochs": int(engine.trainer.current_epoch),
         "image_threshold_raw": float(model.post_processor.image_threshold),
+        # train.threshold policy as applied: method used (f1 or normal_quantile) and why, counts
+        "threshold": model.post_processor.threshold_record,
+        "splits": split_record(datamodule, dataset),
         "checkpoint": str(ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt),
     }
     (out_dir / "train.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -14,6 +14,11 @@ The rule, in order:
    ``tie_tolerance`` of the best counts as tied with it.
 3. Ties are broken by the lower ``tie_breaker`` (ONNX latency by default), then by the other cost
    (size or latency), then by name, so the outcome is total and never depends on dict order.
+
+The outcome states what it ranked by (``ranked_by``, ``test_set``): the metric, and whether the test
+split held real defects or anomalib's synthetic anomalies (``test_synthetic`` in metrics.json, set
+when the data has normal images only). Candidates scored on different kinds of test set are not
+comparable, so mixing them is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Metrics the rule may rank by; all of them are higher-is-better (see docs/contracts.md §3).
-HIGHER_IS_BETTER: tuple[str, ...] = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
+HIGHER_IS_BETTER: tuple[str, ...] = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_AUPRO")
 #: Costs usable as the tie-breaker; lower is better.
 LOWER_IS_BETTER: tuple[str, ...] = ("latency_ms", "model_size_mb", "torch_latency_ms")
 #: Default ceiling on |ONNX - torch| of pred_score; matches what the evaluation stage reports as sane.
@@ -157,6 +162,19 @@ class Selection:
     reason: str
     rule: SelectionRule
     verdicts: tuple[Verdict, ...] = field(default_factory=tuple)
+    test_set: str = "real"
+
+    @property
+    def ranked_by(self) -> str:
+        """What the ranking measured, in words (selection.json, registry tags)."""
+        if self.test_set == "synthetic":
+            where = (
+                "anomalib's synthetic anomalies on held-out normal images (the data has no defect "
+                "images yet): a proxy, not a measure of real defect detection"
+            )
+        else:
+            where = "the held-out test images with real defects"
+        return f"{self.rule.metric} (higher is better) on {where}"
 
     def verdict(self, name: str) -> Verdict:
         for v in self.verdicts:
@@ -167,6 +185,8 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {
             "rule": self.rule.to_dict(),
+            "test_set": self.test_set,
+            "ranked_by": self.ranked_by,
             "champion": self.champion,
             "reason": self.reason,
             "candidates": [v.to_dict() for v in self.verdicts],
@@ -263,6 +283,7 @@ def select(candidates: Iterable[Candidate], rule: SelectionRule) -> Selection:
     if len(set(names)) != len(names):
         raise SelectionError(f"duplicate candidate names: {sorted(names)}")
 
+    test_set = _test_set(cands)
     judged = sorted((_judge(c, rule) for c in cands), key=lambda v: v.name)
     eligible = [v for v in judged if v.eligible]
     if not eligible:
@@ -283,13 +304,26 @@ def select(candidates: Iterable[Candidate], rule: SelectionRule) -> Selection:
     champ = ranking[0]
 
     reason = _reason(champ, best, tied, rest, judged, rule)
+    if test_set == "synthetic":
+        reason += " [synthetic anomalies: no real defect images]"
     tied_names = {v.name for v in tied}
     ranks = {v.name: i + 1 for i, v in enumerate(ranking)}
     verdicts = tuple(
         Verdict(**{**v.to_dict(), "rank": ranks.get(v.name), "tied_with_best": v.name in tied_names})
         for v in judged
     )
-    return Selection(champion=champ.name, reason=reason, rule=rule, verdicts=verdicts)
+    return Selection(champion=champ.name, reason=reason, rule=rule, verdicts=verdicts, test_set=test_set)
+
+
+def _test_set(cands: list[Candidate]) -> str:
+    """``synthetic`` or ``real`` (metrics without ``test_synthetic`` predate the flag: real)."""
+    kinds = {c.name: "synthetic" if _finite(c.metrics.get("test_synthetic")) else "real" for c in cands}
+    if len(set(kinds.values())) > 1:
+        detail = ", ".join(f"{name}: {kind}" for name, kind in sorted(kinds.items()))
+        raise SelectionError(
+            f"candidates were scored on different test sets ({detail}); re-run evaluate for all models"
+        )
+    return next(iter(kinds.values()))
 
 
 def _reason(

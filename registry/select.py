@@ -400,6 +400,8 @@ def _register_locked(
         "selection_metric": metric,
         "selection_metric_value": repr(metric_value),
         "selection_reason": selection.reason[:_MAX_TAG],
+        "selection_ranked_by": selection.ranked_by[:_MAX_TAG],
+        "test_set": selection.test_set,
         "run_id": summary.run_id,
         "git_commit": str(summary.get("git_commit", "")),
         "data_version": str(summary.get("data_version", "")),

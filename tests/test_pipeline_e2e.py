@@ -24,7 +24,13 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 SMALL = {
-    "data": {"image_size": 128, "max_train": 48, "max_test_good": 16, "max_test_defect": 16},
+    "data": {
+        "image_size": 128,
+        "max_train": 48,
+        "max_test_good": 16,
+        "max_test_defect": 16,
+        "max_val_good": 16,
+    },
     "train": {"batch_size": 16},
     "evaluate": {"n_heatmaps": 2, "latency_repeats": 5},
 }

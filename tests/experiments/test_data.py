@@ -277,7 +277,7 @@ def _no_defects(root: Path) -> Path:
         (_not_an_image, "not an image"),
         (_partial_masks, "defect image without mask"),
         (_mask_wrong_size, "mask is 32x32 but its image is 64x64"),
-        (_no_defects, "no defect images"),
+        (_no_defects, "empty defect folder"),
     ],
 )
 def test_validation_failures_name_the_file(
@@ -326,14 +326,25 @@ def test_prepare_output_and_report(
     first_tree, first_report = _tree(out), report_path.read_bytes()
     report = json.loads(first_report)
     assert report["available"] == {"test/defect": 5, "test/good": 4, "train/good": 8}
-    assert report["selected"] == {"test/defect": 3, "test/good": 3, "train/good": 5}
+    # 1 of 8 train/good held out for validation (20 %), 2 of the 3 chosen defects (val_defect_ratio 0.5)
+    assert report["selected"] == {
+        "test/defect": 1,
+        "test/good": 3,
+        "train/good": 5,
+        "val/defect": 2,
+        "val/good": 1,
+    }
+    assert report["test_set"] == "real"
+    assert report["splits"]["val"]["files"] == sorted(f for f in first_tree if f.startswith("val/"))
+    assert report["splits"]["train"]["count"] == 5 and report["splits"]["train"]["files"] is None
     assert report["sizes_seen"] == {"64x64": 17} and report["modes_seen"] == {"L": 17}
     assert report["resized_to"] is None and report["selected_sizes"] == ["64x64"]
     assert report["data_version"] == dvc_dir_md5(data_root) and report["data_dvc_md5"] is None
     assert report["params"]["seed"] == 42
     assert report["files"] == sorted(first_tree)
-    for rel in report["files"]:  # copied byte for byte
-        assert first_tree[rel] == (data_root / rel).read_bytes()
+    sources = {p.name: p.read_bytes() for p in data_root.rglob("*.png")}
+    for rel in report["files"]:  # copied byte for byte, file name kept
+        assert first_tree[rel] == sources[Path(rel).name]
     assert "timestamp" not in first_report.decode() and str(tmp_path) in report["data_root"]
 
     # byte-identical on a second run
@@ -368,7 +379,10 @@ def test_prepare_resizes_mixed_sizes_and_copies_masks(
         with Image.open(out / rel) as im:
             sizes.add(im.size)
     assert sizes == {(64, 64)}
-    assert (out / "ground_truth/defect/d000_mask.png").is_file()
+    # masks carry their image's own stem, in the split the image went to
+    masks = sorted(p.relative_to(out).as_posix() for p in (out / "ground_truth").rglob("*.png"))
+    images = sorted(p.relative_to(out).as_posix() for p in out.glob("*/defect/*.png"))
+    assert masks == [f"ground_truth/{rel}" for rel in images] and len(masks) == 5
 
 
 def test_interrupted_make_data_leaves_no_half_written_folder(

@@ -133,11 +133,18 @@ def test_model_params_fill_defaults() -> None:
 
 
 def _tiny_dataset(root: Path) -> Path:
-    """A dozen ELPV cells in MVTec layout: 8 normal for training, 4 normal + 4 defective for test."""
+    """ELPV cells in prepare's layout: 8 normal for training, 3 for validation, 4 normal + 4 defective
+    for test (normal-only validation: the threshold is a normal quantile)."""
     from tests.model_fixture import elpv_samples
 
-    normal, defect = elpv_samples(n_normal=12, n_defect=4)
-    for sub, paths in (("train/good", normal[:8]), ("test/good", normal[8:]), ("test/defect", defect)):
+    normal, defect = elpv_samples(n_normal=15, n_defect=4)
+    groups = (
+        ("train/good", normal[:8]),
+        ("val/good", normal[8:11]),
+        ("test/good", normal[11:]),
+        ("test/defect", defect),
+    )
+    for sub, paths in groups:
         (root / sub).mkdir(parents=True)
         for path in paths:
             shutil.copyfile(path, root / sub / path.name)

@@ -164,3 +164,24 @@ def test_repo_params_are_valid() -> None:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     rule = SelectionRule.from_params(params["selection"])
     assert rule.metric == params["selection"]["metric"]
+
+
+def test_selection_states_what_it_ranked_by_and_refuses_mixed_test_sets() -> None:
+    real = select([cand("padim", 0.90), cand("dfm", 0.80)], RULE)
+    assert real.test_set == "real" and real.to_dict()["ranked_by"].startswith(
+        "image_AUROC (higher is better) on"
+    )
+    assert "real defects" in real.ranked_by and "synthetic" not in real.reason
+
+    def synth(name: str, auroc: float, flag: float = 1.0) -> Candidate:
+        c = cand(name, auroc)
+        return Candidate(name, {**c.metrics, "test_synthetic": flag})
+
+    sel = select([synth("padim", 0.90), synth("dfm", 0.80)], RULE)
+    doc = sel.to_dict()
+    assert doc["test_set"] == "synthetic" and "synthetic anomalies" in doc["ranked_by"]
+    assert sel.reason.endswith("[synthetic anomalies: no real defect images]")
+    assert select([synth("padim", 0.9, 0.0), cand("dfm", 0.8)], RULE).test_set == "real"
+    with pytest.raises(SelectionError, match=r"different test sets \(dfm: real, padim: synthetic\)"):
+        select([synth("padim", 0.90), cand("dfm", 0.80)], RULE)
+    assert "pixel_AUPRO" in SelectionRule.from_params({"metric": "pixel_AUPRO"}).metric
