@@ -18,6 +18,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from serving.events import RequestError, RequestLimits, ScoringRequest, parse_event
+from serving.preprocess import PreprocessError
 from serving.scoring import Scorer, ScoringError, overlay
 from serving.storage import ResultRecord, ResultStore, StorageError
 
@@ -98,7 +99,7 @@ class InferenceService:
             latency.update({f"score_{k}": v for k, v in result.timings.items()})
 
             t = time.perf_counter()
-            overlay_png = overlay(request.image, result.anomaly_map)
+            overlay_png = overlay(request.image, result.anomaly_map, geometry=result.geometry)
             latency["overlay"] = _ms_since(t)
 
             meta = self.scorer.metadata
@@ -131,6 +132,8 @@ class InferenceService:
         except StorageError as exc:
             status = 503 if exc.retryable else 500
             return self._fail(status, f"{exc.store}_error", str(exc), request, latency, started, log)
+        except PreprocessError as exc:  # decoded fine, but no rule turns its pixels into model input
+            return self._fail(422, "unsupported_image", str(exc), request, latency, started, log)
         except ScoringError as exc:
             return self._fail(500, "scoring_error", str(exc), request, latency, started, log)
         except Exception:  # last resort: log the traceback, do not leak internals to the client

@@ -174,7 +174,7 @@ def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: S
         "captured_at": "2026-05-06T07:08:09.000Z",
     }
     image = Image.open(io.BytesIO(data))
-    expected_overlay = overlay(image, expected.anomaly_map)
+    expected_overlay = overlay(image, expected.anomaly_map, geometry=expected.geometry)
     assert _objects() == {f"{base}-overlay.png": expected_overlay, f"{base}-original.png": data}
     (item,) = _items()
     assert item["camera_id"] == {"S": "line-2"}
