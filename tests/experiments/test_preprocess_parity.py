@@ -1,9 +1,9 @@
 """Training side and serving side see the same pixels, for every resize policy and for 16-bit input.
 
-One tiny PaDiM (default offline backbone, 64 px) is trained through the pipeline's own
-``prepare`` -> ``train`` on ELPV cells cut to the awkward shapes of the issue (100x280 and 620x250
-in one set), exported with the pipeline's ``export_onnx``, and then each policy is checked end to
-end:
+For each policy a tiny PaDiM (default offline backbone, 64 px) is trained through the
+pipeline's own ``prepare`` -> ``train`` on ELPV cells cut to the awkward shapes of the issue
+(100x280 and 620x250 in one set, half of the training cells as 16-bit PNGs), exported with the
+pipeline's ``export_onnx``, and then checked end to end:
 
 * training side: ``prepare`` writes the image (``serving.preprocess.fit_image`` under the policy),
   anomalib's own dataset reader loads that PNG, the *torch* module scores it;
@@ -42,16 +42,31 @@ def _cut(src: Path, shape: tuple[int, int], dest: Path, sixteen_bit: bool = Fals
     return dest
 
 
+_CACHE: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", params=RESIZE_POLICIES)
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """prepare + train + export under ``request.param``; paths and the torch model."""
+    return _train(request.param, tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """prepare + train + export once for the module (letterbox); returns paths and the torch model."""
+def letterboxed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The default policy's model (shared with ``trained[letterbox]``)."""
+    return _train("letterbox", tmp_path_factory)
+
+
+def _train(policy: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if policy in _CACHE:
+        return _CACHE[policy]
     from experiments.export import export_onnx
     from experiments.models import build_model
     from experiments.prepare import prepare
     from experiments.train import CHECKPOINT_NAME, train
     from tests.model_fixture import elpv_samples
 
-    tmp = tmp_path_factory.mktemp("parity")
+    tmp = tmp_path_factory.mktemp(f"parity-{policy}")
     normal, defect = elpv_samples(n_normal=12, n_defect=4)
     data = tmp / "data"
     for i, path in enumerate(normal[:8]):
@@ -65,7 +80,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "data": {
             "root": str(data),
             "image_size": SIZE,
-            "resize": "letterbox",
+            "resize": policy,
             "max_train": 8,
             "max_test_good": 4,
             "max_test_defect": 4,
@@ -78,7 +93,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     params_file.write_text(yaml.safe_dump(params))
     dataset = tmp / "dataset"
     report = prepare(params_file, dataset, tmp / "report.json")
-    assert report["resize"] == "letterbox" and report["resized_to"] == SIZE
+    assert report["resize"] == policy and report["resized_to"] == SIZE
     record = train("padim", params, dataset, tmp / "models" / "padim", work_dir=tmp / "engine")
     assert record["device"] == "cpu"  # accelerator auto on a machine without a GPU
 
@@ -89,11 +104,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model.load_state_dict(state["state_dict"])
     model.eval()
     onnx_dir = export_onnx(model, tmp / "onnx", SIZE).parent
-    return {"tmp": tmp, "params": params, "model": model, "onnx_dir": onnx_dir, "data": data}
+    _CACHE[policy] = {"tmp": tmp, "model": model, "onnx_dir": onnx_dir, "data": data, "policy": policy}
+    return _CACHE[policy]
 
 
-def _serving_dir(trained: dict, policy: str) -> Path:
-    """``serving/model``-shaped folder for ``policy`` (same graph; metadata names the policy)."""
+def _serving_dir(trained: dict) -> Path:
+    """``serving/model``-shaped folder of the trained model; its metadata names the policy."""
+    policy = trained["policy"]
     from serving.model_meta import SCHEMA_VERSION, input_block, sha256_file
 
     out = trained["tmp"] / f"serving-{policy}"
@@ -123,12 +140,12 @@ def _torch_score(model, png: Path) -> float:
         return float(model(image).pred_score.reshape(-1)[0])
 
 
-@pytest.mark.parametrize("policy", RESIZE_POLICIES)
-def test_training_and_serving_paths_give_the_same_score(trained: dict, policy: str) -> None:
+def test_training_and_serving_paths_give_the_same_score(trained: dict) -> None:
     from experiments.prepare import _write_file
     from serving.scoring import Scorer
 
-    scorer = Scorer.from_dir(_serving_dir(trained, policy), intra_op_threads=1)
+    policy = trained["policy"]
+    scorer = Scorer.from_dir(_serving_dir(trained), intra_op_threads=1)
     assert scorer.metadata.input.geometry == policy
     scores = []
     for raw in sorted((trained["data"] / "test").rglob("*.png")):
@@ -142,22 +159,22 @@ def test_training_and_serving_paths_give_the_same_score(trained: dict, policy: s
     assert len(set(np.round(scores, 6))) > 1  # real, image-dependent scores
 
 
-def test_policies_feed_different_pixels(trained: dict) -> None:
+def test_policies_feed_different_pixels(letterboxed: dict) -> None:
     from serving.preprocess import model_input
 
-    raw = sorted((trained["data"] / "test" / "good").glob("*.png"))[0]
+    raw = sorted((letterboxed["data"] / "test" / "good").glob("*.png"))[0]
     with Image.open(raw) as im:
         inputs = {p: model_input(im, SIZE, p) for p in RESIZE_POLICIES}
     assert not np.array_equal(inputs["letterbox"], inputs["stretch"])
     assert not np.array_equal(inputs["stretch"], inputs["center_crop"])
 
 
-def test_sixteen_bit_png_scores_like_its_8bit_twin(trained: dict) -> None:
+def test_sixteen_bit_png_scores_like_its_8bit_twin(letterboxed: dict) -> None:
     """The issue's bug: a normal 16-bit PNG scored 1.0 because convert("RGB") clipped it white."""
     from serving.scoring import Scorer, overlay
 
-    scorer = Scorer.from_dir(_serving_dir(trained, "letterbox"), intra_op_threads=1)
-    raw = sorted((trained["data"] / "test" / "good").glob("*.png"))[0]
+    scorer = Scorer.from_dir(_serving_dir(letterboxed), intra_op_threads=1)
+    raw = sorted((letterboxed["data"] / "test" / "good").glob("*.png"))[0]
     eight = Image.open(raw)
     sixteen_bytes = io.BytesIO()
     Image.fromarray(np.asarray(eight).astype(np.uint16) * 257).save(sixteen_bytes, format="PNG")
