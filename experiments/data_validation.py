@@ -6,12 +6,11 @@ folder, so a broken data set is fixed in minutes rather than debugged inside a t
 
 Decisions (also recorded in ``build/prepare/report.json``):
 
-* Images may differ in size: models resize everything to ``data.image_size`` anyway. ``prepare``
-  copies bytes unchanged when the chosen subset has a single size, and otherwise resizes the subset
-  to ``image_size`` x ``image_size`` so that ``build/dataset`` holds one size (docs/contracts.md).
-* Images must be 8-bit, 1-channel (grayscale) or 3-channel (RGB, or a palette without
-  transparency), and at least ``MIN_SIDE`` pixels on each side; anything else is an error, because
-  converting alpha/CMYK/16-bit images to RGB silently changes what the model sees.
+* Images may differ in size and aspect ratio: ``prepare`` writes every image through
+  :func:`serving.preprocess.fit_image` (policy ``data.resize``), the function serving uses too.
+* Images must be in a mode :mod:`serving.preprocess` has a rule for (8/16-bit grey, RGB, palette,
+  alpha, CMYK...; 16-bit is scaled by its range, never clipped) and at least ``MIN_SIDE`` pixels on
+  each side; anything else is an error naming the file.
 * Masks (``ground_truth/<defect>/<stem>_mask.png``, or ``<stem>.png``) are optional but
   all-or-nothing: either no masks at all, or one per defect image, paired by name (never by sorted
   order). Partial masks would make pixel metrics silently wrong.
@@ -36,14 +35,15 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from experiments.config import ParamsError
+from serving.preprocess import SUPPORTED_MODES, PreprocessError, to_float_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 32
 SIZE_MULTIPLE = 32
 GOOD = "good"
 MASK_SUFFIX = "_mask"
-# PIL modes accepted for images, with their channel count. "P" is accepted only without transparency.
-IMAGE_MODES = {"1": 1, "L": 1, "P": 3, "RGB": 3}
+# PIL modes accepted for images: those the shared pre-processing has a rule for.
+IMAGE_MODES = SUPPORTED_MODES
 MASK_MODES = ("1", "L", "P")
 _TOP_LEVEL = ("train", "test", "ground_truth")
 
@@ -260,13 +260,15 @@ def check_image(path: Path) -> ImageInfo:
         with Image.open(path) as im:
             im.load()  # decodes every pixel: catches truncation and broken compressed data
             info = ImageInfo(im.width, im.height, im.mode)
-            has_alpha = "transparency" in im.info
+            if im.mode in ("I", "F"):  # modes whose pixel range is only known after decoding
+                to_float_rgb(im)
+    except PreprocessError as exc:
+        raise DataValidationError(f"{path}: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataValidationError(f"{path}: unreadable or corrupt image ({exc})") from exc
-    if info.mode not in IMAGE_MODES or (info.mode == "P" and has_alpha):
+    if info.mode not in IMAGE_MODES:
         raise DataValidationError(
-            f"{path}: unsupported image mode {info.mode!r}{' with transparency' if has_alpha else ''} "
-            "(expected 8-bit 1-channel grayscale or 3-channel RGB)"
+            f"{path}: unsupported image mode {info.mode!r} (save it as 8/16-bit grayscale or RGB PNG)"
         )
     if min(info.width, info.height) < MIN_SIDE:
         raise DataValidationError(f"{path}: image is {info.size}, smaller than {MIN_SIDE} px on a side")

@@ -10,8 +10,9 @@ Steps, and why:
    anomalib users expect. When the data has no defect images, the test split is anomalib's
    synthetic anomalies on held-out normals, and every output says so (``test_set: synthetic``).
 2. Export with anomalib's ``to_onnx`` (fixed ``[1,3,S,S]``), then score every test image through
-   *both* the torch module and ONNX Runtime, fed exactly like serving feeds the Lambda (PIL RGB,
-   bilinear resize to SxS, float32 in [0,1]). ``onnx_max_abs_diff`` is the largest ``pred_score``
+   *both* the torch module and ONNX Runtime, fed exactly like serving feeds the Lambda
+   (:func:`serving.preprocess.model_input`: bit-depth rule, ``data.resize`` policy to SxS).
+   ``onnx_max_abs_diff`` is the largest ``pred_score``
    gap; above ``evaluate.onnx_tolerance`` the stage fails, because the registry would otherwise
    promote a model that does not behave like the one that was measured.
    The same pass computes ``pixel_AUROC`` and ``pixel_AUPRO`` (MVTec AU-PRO, FPR <= 0.3) from the
@@ -43,7 +44,7 @@ from experiments.config import ParamsError, load_params
 from experiments.datamodule import build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, ort_session, run_ort
 from experiments.metrics import StreamingPixelMetrics
-from experiments.models import build_model, model_params
+from experiments.models import build_model, model_params, resize_policy
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
 from experiments.train import CHECKPOINT_NAME, make_engine
@@ -76,14 +77,15 @@ def evaluate_params(params: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def load_serving_input(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_serving_input(path: Path, size: int, policy: str = "letterbox") -> tuple[np.ndarray, np.ndarray]:
     """Read an image the way serving does; return ``(float32[1,3,S,S] in [0,1], uint8 HxW grey view)``."""
     from PIL import Image
 
+    from serving.preprocess import fit_image, to_model_input
+
     with Image.open(path) as im:
-        rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(rgb, dtype=np.float32) / 255.0
-    return np.ascontiguousarray(array.transpose(2, 0, 1)[None]), np.asarray(rgb.convert("L"))
+        rgb8 = fit_image(im, size, policy)
+    return to_model_input(rgb8), np.asarray(Image.fromarray(rgb8).convert("L"))
 
 
 def _test_samples(datamodule: Any) -> list[tuple[Path, int, Path | None]]:
@@ -127,6 +129,7 @@ def compare_and_score(
     n_heatmaps: int,
     model_name: str,
     pixel_metrics: StreamingPixelMetrics | None = None,
+    policy: str = "letterbox",
 ) -> dict[str, Any]:
     """Score every test image with torch and ONNX Runtime; return scores and the largest gaps.
 
@@ -144,7 +147,7 @@ def compare_and_score(
     model.eval()
     with torch.inference_mode():
         for index, (path, label, mask_path) in enumerate(samples):
-            x, grey = load_serving_input(path, size)
+            x, grey = load_serving_input(path, size, policy)
             first_input = x if first_input is None else first_input
             raw = model.model(model.pre_processor(torch.from_numpy(x)))  # = model(x) before post-processing
             torch_out = model.post_processor(raw)
@@ -218,6 +221,7 @@ def log_to_mlflow(
     tags = tracking.run_tags(model_name, params, f"evaluate@{model_name}")
     # "synthetic": metrics are on anomalib's synthetic anomalies (no real defect images yet)
     tags["test_set"] = "synthetic" if metrics.get("test_synthetic") else "real"
+    tags["device"] = str(train_record.get("device", "unknown"))  # what train.accelerator resolved to
     logged = {key: params.get(key) for key in LOGGED_PARAM_SECTIONS} | {
         "model": model_params(model_name, params)
     }
@@ -262,6 +266,7 @@ def evaluate(
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt} not found; run the train stage first (dvc repro train@{model_name})")
     size = int(params["data"]["image_size"])
+    policy = resize_policy(params)
 
     seed_everything(int(params["seed"]))
     quiet_third_party_warnings()
@@ -277,6 +282,7 @@ def evaluate(
     results = engine.test(model=model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     test_time = time.perf_counter() - start
     anomalib_metrics = {k: float(v) for k, v in results[0].items()}
+    model.cpu()  # the test may have run on a GPU; export, parity and latency are CPU figures
 
     onnx_path = export_onnx(model, out_dir / "onnx", size)
     samples = _test_samples(datamodule)
@@ -293,6 +299,7 @@ def evaluate(
         settings["n_heatmaps"],
         model_name,
         pixel_metrics,
+        policy,
     )
     curves = roc_pr(scored["labels"], scored["scores"])
     write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
@@ -339,6 +346,7 @@ def evaluate(
             onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
         ),
         "image_size": size,
+        "resize": policy,
         "threshold": float(post.normalized_image_threshold),
         "raw_threshold": float(post.image_threshold),
         "input_name": scored["session"].get_inputs()[0].name,
@@ -348,6 +356,7 @@ def evaluate(
         # threshold policy as applied in train (method, why, counts), and which images set it / were scored
         "threshold_policy": train_record.get("threshold"),
         "splits": split_record(datamodule, dataset),
+        "device": train_record.get("device", "unknown"),
     }
     from experiments import tracking
 

@@ -2,9 +2,18 @@
 
 One factory, :func:`build_model`, so that ``train`` and ``evaluate`` construct *exactly* the same
 module (same layers, same pre-/post-processing, same metrics) and a checkpoint written by one loads
-into the other. Every model uses the ImageNet ``tf_efficientnet_lite0`` backbone that
-:mod:`experiments.backbones` makes available offline, and a pre-processor that resizes to
-``data.image_size`` (+ ImageNet normalisation), which anomalib bakes into the ONNX export.
+into the other. Every model uses the ImageNet backbone of ``params.yaml: backbone`` (default
+``tf_efficientnet_lite0``, offline; see :mod:`experiments.backbones`), and a pre-processor that
+resizes to ``data.image_size`` (+ ImageNet normalisation), which anomalib bakes into the ONNX
+export. Images reach it already at that size (``serving.preprocess.fit_image`` in ``prepare``,
+serving, evaluate and promote), so that resize is an identity and the resize policy is ours.
+
+Six models: PaDiM, PatchCore, DFM (fitted statistics, one pass), STFPM (student-teacher), and two
+trained ones that are stronger on the literature's benchmarks and export cleanly to ONNX:
+CFlow (conditional normalising flows on backbone features) and SuperSimpleNet (a segmentation
+head trained against synthetic Perlin-noise anomalies in feature space; no anomaly images needed).
+FastFlow, Reverse Distillation and U-Flow were left out: anomalib hard-codes their backbones to
+ResNet/CaiT variants whose ImageNet weights cannot be had offline here.
 
 Parameters are validated here, before anything heavy is imported, because anomalib's own checks
 are either late (after the backbone is built) or silent: an unknown layer name is dropped with a
@@ -16,14 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from experiments.backbones import FEATURE_LAYERS, TIMM_NAME
+from experiments.backbones import BackboneError, BackboneSpec, feature_layers, resolve_backbone
 from experiments.config import ParamsError
+from serving.preprocess import DEFAULT_RESIZE, PreprocessError, check_policy
 
 if TYPE_CHECKING:  # keep `import experiments.models` cheap: torch/anomalib load only when building
     from anomalib.models import AnomalibModule
 
-SUPPORTED_BACKBONES = (TIMM_NAME,)
 DFM_SCORE_TYPES = ("fre", "nll")
+CFLOW_DECODERS = ("freia-cflow",)
 
 # Keys each model accepts under ``models.<name>``; ``max_epochs`` is read by train.py.
 MODEL_KEYS: dict[str, set[str]] = {
@@ -31,6 +41,16 @@ MODEL_KEYS: dict[str, set[str]] = {
     "patchcore": {"layers", "coreset_sampling_ratio", "num_neighbors", "max_epochs"},
     "stfpm": {"layers", "max_epochs"},
     "dfm": {"layer", "pooling_kernel_size", "pca_level", "score_type", "max_epochs"},
+    "cflow": {
+        "layers",
+        "fiber_batch_size",
+        "condition_vector",
+        "coupling_blocks",
+        "clamp_alpha",
+        "lr",
+        "max_epochs",
+    },
+    "supersimplenet": {"layers", "perlin_threshold", "max_epochs"},
 }
 SUPPORTED_MODELS = tuple(MODEL_KEYS)
 
@@ -39,7 +59,31 @@ def _where(name: str, key: str) -> str:
     return f"params.yaml: models.{name}.{key}"
 
 
-def _layers(name: str, cfg: Mapping[str, Any], key: str = "layers") -> list[str]:
+def resize_policy(params: Mapping[str, Any]) -> str:
+    """``data.resize`` (default ``letterbox``), validated: the policy every stage and serving use."""
+    try:
+        return check_policy(
+            (params.get("data") or {}).get("resize", DEFAULT_RESIZE), "params.yaml: data.resize"
+        )
+    except PreprocessError as exc:
+        raise ParamsError(str(exc)) from exc
+
+
+def backbone_spec(params: Mapping[str, Any]) -> BackboneSpec:
+    """``params.yaml: backbone`` resolved (weights source checked), as a :class:`ParamsError`."""
+    try:
+        return resolve_backbone(params)
+    except BackboneError as exc:
+        raise ParamsError(str(exc)) from exc
+
+
+def _layers(
+    name: str,
+    cfg: Mapping[str, Any],
+    available: Mapping[str, tuple[int, int]],
+    backbone: str,
+    key: str = "layers",
+) -> list[str]:
     """Return the layer list, rejecting names the backbone does not expose as feature maps."""
     value = cfg.get(key)
     if isinstance(value, str):
@@ -47,15 +91,15 @@ def _layers(name: str, cfg: Mapping[str, Any], key: str = "layers") -> list[str]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ParamsError(f"{_where(name, key)} must be a non-empty list of layer names, got {value!r}")
     for layer in value:
-        if layer not in FEATURE_LAYERS:
+        if layer not in available:
             raise ParamsError(
-                f"{_where(name, key)}: unknown layer {layer!r} for {TIMM_NAME}; "
-                f"available: {', '.join(FEATURE_LAYERS)}"
+                f"{_where(name, key)}: unknown layer {layer!r} for {backbone}; "
+                f"available: {', '.join(available)}"
             )
     if len(set(value)) != len(value):
         raise ParamsError(f"{_where(name, key)} lists a layer twice: {value}")
     # Feature maps are concatenated/compared in network order; a shuffled list is almost surely a typo.
-    order = list(FEATURE_LAYERS)
+    order = list(available)
     if value != sorted(value, key=order.index):
         raise ParamsError(f"{_where(name, key)} must be in network order {order}, got {value}")
     return list(value)
@@ -68,8 +112,8 @@ def _int(name: str, cfg: Mapping[str, Any], key: str, minimum: int, default: int
     return value
 
 
-def _fraction(name: str, cfg: Mapping[str, Any], key: str) -> float:
-    value = cfg.get(key)
+def _fraction(name: str, cfg: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ParamsError(f"{_where(name, key)} must be a number in (0, 1], got {value!r}")
     return float(value)
@@ -96,12 +140,11 @@ def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         raise ParamsError(
             f"params.yaml: models.{name} has unknown key(s) {unknown}; allowed: {sorted(MODEL_KEYS[name])}"
         )
-    backbone = (params.get("backbone") or {}).get("name")
-    if backbone not in SUPPORTED_BACKBONES:
-        raise ParamsError(
-            f"params.yaml: backbone.name {backbone!r} has no offline weights; "
-            f"supported: {SUPPORTED_BACKBONES}"
-        )
+    backbone = backbone_spec(params).name
+    try:
+        available = feature_layers(backbone)
+    except BackboneError as exc:
+        raise ParamsError(str(exc)) from exc
     image_size = (params.get("data") or {}).get("image_size")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
         raise ParamsError(
@@ -110,25 +153,44 @@ def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"max_epochs": _int(name, cfg, "max_epochs", 1, default=1)}
     if name == "padim":
-        layers = _layers(name, cfg)
-        available = sum(FEATURE_LAYERS[layer][0] for layer in layers)
+        layers = _layers(name, cfg, available, backbone)
+        channels = sum(available[layer][0] for layer in layers)
         n_features = _int(name, cfg, "n_features", 1)
-        if n_features > available:
+        if n_features > channels:
             raise ParamsError(
-                f"{_where(name, 'n_features')} = {n_features} is larger than the {available} channels "
-                f"of layers {layers} ({', '.join(f'{la}: {FEATURE_LAYERS[la][0]}' for la in layers)})"
+                f"{_where(name, 'n_features')} = {n_features} is larger than the {channels} channels "
+                f"of layers {layers} ({', '.join(f'{la}: {available[la][0]}' for la in layers)})"
             )
         out |= {"layers": layers, "n_features": n_features}
     elif name == "patchcore":
         out |= {
-            "layers": _layers(name, cfg),
+            "layers": _layers(name, cfg, available, backbone),
             "coreset_sampling_ratio": _fraction(name, cfg, "coreset_sampling_ratio"),
             "num_neighbors": _int(name, cfg, "num_neighbors", 1),
         }
     elif name == "stfpm":
-        out |= {"layers": _layers(name, cfg)}
+        out |= {"layers": _layers(name, cfg, available, backbone)}
+    elif name == "cflow":
+        clamp = cfg.get("clamp_alpha", 1.9)
+        lr = cfg.get("lr", 1e-4)
+        for key, value in (("clamp_alpha", clamp), ("lr", lr)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 100:
+                raise ParamsError(f"{_where(name, key)} must be a positive number, got {value!r}")
+        out |= {
+            "layers": _layers(name, cfg, available, backbone),
+            "fiber_batch_size": _int(name, cfg, "fiber_batch_size", 1, default=64),
+            "condition_vector": _int(name, cfg, "condition_vector", 2, default=128),
+            "coupling_blocks": _int(name, cfg, "coupling_blocks", 1, default=8),
+            "clamp_alpha": float(clamp),
+            "lr": float(lr),
+        }
+    elif name == "supersimplenet":
+        out |= {
+            "layers": _layers(name, cfg, available, backbone),
+            "perlin_threshold": _fraction(name, cfg, "perlin_threshold", default=0.2),
+        }
     elif name == "dfm":
-        layers = _layers(name, cfg, "layer")
+        layers = _layers(name, cfg, available, backbone, "layer")
         if len(layers) != 1:
             raise ParamsError(f"{_where(name, 'layer')} must be a single layer name, got {layers}")
         score_type = cfg.get("score_type", "fre")
@@ -184,24 +246,32 @@ def build_model(
 
     from experiments.backbones import configure_offline
 
-    configure_offline()  # before anomalib builds the backbone: pre_trained=True resolves offline
+    spec = backbone_spec(params)
+    try:  # before anomalib builds the backbone: pre_trained=True then resolves offline
+        configure_offline(spec=spec)
+    except BackboneError as exc:
+        raise ParamsError(str(exc)) from exc
 
-    from anomalib.models import Dfm, Padim, Patchcore, Stfpm
+    from anomalib.models import Cflow, Dfm, Padim, Patchcore, Stfpm, Supersimplenet
 
     classes: dict[str, Callable[..., AnomalibModule]] = {
         "padim": Padim,
         "patchcore": Patchcore,
         "stfpm": Stfpm,
         "dfm": Dfm,
+        "cflow": Cflow,
+        "supersimplenet": Supersimplenet,
     }
     cls = classes[name]
     common: dict[str, Any] = {
-        "backbone": TIMM_NAME,
+        "backbone": spec.name,
         "pre_processor": cls.configure_pre_processor(image_size=(size, size)),
         "evaluator": _evaluator(),
         "post_processor": make_post_processor(policy),
         "visualizer": visualizer,
     }
-    if name != "stfpm":  # STFPM's teacher is always pretrained and its student never is
+    # STFPM's teacher is always pretrained and its student never is; SuperSimpleNet's extractor
+    # is always pretrained.
+    if name not in ("stfpm", "supersimplenet"):
         common["pre_trained"] = True
     return cls(**common, **kwargs)

@@ -12,10 +12,12 @@ splits it with ``plan_splits`` (train / validation / test, disjoint, seeded) and
 Masks are written under their image's exact stem because anomalib pairs masks with images by
 sorted order: ``anomaly-1_mask`` sorts after ``anomaly-19_mask`` while ``anomaly-1`` sorts before
 ``anomaly-10``, so source names would be mis-paired. ``build/prepare/report.json`` lists which
-images set the threshold (val) and which are scored (test). Bytes are copied unchanged when the
-chosen images share one size; otherwise they are resized to ``image_size`` (bilinear; masks
-nearest) so the output has one size. The output is byte-identical across runs (no timestamps,
-sorted everything).
+images set the threshold (val) and which are scored (test). Every image is written as the shared
+pre-processing (:func:`serving.preprocess.fit_image`: bit-depth rule, then ``data.resize`` to
+``image_size``) makes it, masks with the same geometry (:func:`~serving.preprocess.fit_mask`), so
+the models train on exactly the pixels serving will feed them; an 8-bit grey/RGB file that already
+has that size is copied byte for byte (its pixels are the same).
+The output is byte-identical across runs (no timestamps, sorted everything).
 
 Usage: ``python -m experiments.prepare [--params params.yaml]``.
 """
@@ -48,20 +50,34 @@ from experiments.data_validation import (
     scan_layout,
     validate_data_params,
 )
+from experiments.models import resize_policy
+from serving.preprocess import PreprocessError, fit_image, fit_mask
 
 DATASET_DIR = Path("build/dataset")
 REPORT_PATH = Path("build/prepare/report.json")
 
 
-def _write_file(src: Path, dest: Path, resize_to: int | None, is_mask: bool = False) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if resize_to is None:
-        shutil.copyfile(src, dest)  # bytes unchanged
-        return
+def _needs_rewrite(src: Path, size: int) -> bool:
+    """False when ``fit_image`` would return the file's own pixels (8-bit L/RGB at ``size``)."""
     with Image.open(src) as im:
-        im = im.convert("L") if is_mask or im.mode == "1" else im.convert("RGB") if im.mode == "P" else im
-        resample = Image.Resampling.NEAREST if is_mask else Image.Resampling.BILINEAR
-        im.resize((resize_to, resize_to), resample).save(dest, format="PNG")
+        return not (im.mode in ("L", "RGB") and im.size == (size, size))
+
+
+def _write_file(src: Path, dest: Path, size: int, policy: str, is_mask: bool = False) -> None:
+    """Write ``src`` as the model will see it (``fit_image``/``fit_mask``), PNG, or copy it unchanged."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        try:
+            pixels = fit_mask(im, size, policy) if is_mask else fit_image(im, size, policy)
+        except PreprocessError as exc:
+            raise DataValidationError(f"{src}: {exc}") from exc
+    if (
+        pixels.ndim == 3
+        and (pixels[:, :, 0] == pixels[:, :, 1]).all()
+        and (pixels[:, :, 1] == pixels[:, :, 2]).all()
+    ):
+        pixels = pixels[:, :, 0]  # grey: anomalib's RGB conversion replicates it back, same pixels
+    Image.fromarray(pixels).save(dest, format="PNG")
 
 
 def _destinations(plan: SplitPlan) -> dict[str, str]:
@@ -90,7 +106,9 @@ def files_sha256(paths: list[str]) -> str:
 
 def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     """Run the stage; return the report (also written to ``report_path``)."""
-    p: DataParams = validate_data_params(load_params(params_path))
+    params = load_params(params_path)
+    p: DataParams = validate_data_params(params)
+    policy = resize_policy(params)
     layout = scan_layout(p.root)
     progress = tqdm(layout.images(), desc="validate", unit="img", mininterval=1.0)
     infos = {rel: check_image(p.root / rel) for rel in progress}
@@ -101,7 +119,8 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     destinations = _destinations(plan)
     chosen = list(destinations)
     sizes = sorted({infos[rel].size for rel in chosen})
-    resize_to = p.image_size if len(sizes) > 1 else None
+    rewrite = {rel for rel in chosen if _needs_rewrite(p.root / rel, p.image_size)}
+    resize_to = p.image_size if rewrite else None
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,14 +129,18 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     try:
         for rel in tqdm(chosen, desc="copy", unit="img", mininterval=1.0):
             dest = destinations[rel]
-            dest = dest if resize_to is None else Path(dest).with_suffix(".png").as_posix()
-            _write_file(p.root / rel, tmp / dest, resize_to)
+            if rel in rewrite:
+                dest = Path(dest).with_suffix(".png").as_posix()
+                _write_file(p.root / rel, tmp / dest, p.image_size, policy)
+            else:
+                (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p.root / rel, tmp / dest)  # bytes unchanged: already model pixels
             files.append(dest)
             split_files.setdefault(dest.split("/", 1)[0], []).append(dest)
             if rel in layout.masks:
                 split, category = Path(dest).parts[:2]
                 mask_rel = f"ground_truth/{split}/{category}/{Path(dest).stem}.png"
-                _write_file(p.root / layout.masks[rel], tmp / mask_rel, resize_to, is_mask=True)
+                _write_file(p.root / layout.masks[rel], tmp / mask_rel, p.image_size, policy, is_mask=True)
                 files.append(mask_rel)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -164,7 +187,9 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
         "sizes_seen": dict(sorted(Counter(info.size for info in infos.values()).items())),
         "modes_seen": dict(sorted(Counter(info.mode for info in infos.values()).items())),
         "selected_sizes": sizes,
-        "resized_to": resize_to,  # null: bytes copied unchanged (the chosen images share one size)
+        "resized_to": resize_to,  # null: bytes copied unchanged (all chosen images were model-ready)
+        "resize": policy,
+        "rewritten": len(rewrite),
         "files": sorted(files),
     }
     report_path.parent.mkdir(parents=True, exist_ok=True)

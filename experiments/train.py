@@ -7,7 +7,8 @@ Outputs (``build/models/<model>/``):
 
 * ``model.ckpt`` - the Lightning checkpoint (weights/memory bank plus the post-processor's
   threshold and min/max learned on the validation split, which the ONNX export bakes in);
-* ``train.json`` - wall-clock fit time and peak resident memory, for the benchmarks.
+* ``train.json`` - wall-clock fit time, peak resident memory and the device the fit ran on
+  (``train.accelerator: auto`` picks a GPU when there is one), for the benchmarks and MLflow.
 
 Only the knobs of ``params.yaml`` matter (seeded, deterministic kernels, ``num_workers`` from
 params), so the same data and params give the same model.
@@ -18,21 +19,45 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from experiments.config import load_params
-from experiments.datamodule import build_datamodule, split_record
-from experiments.models import build_model, model_params
+from experiments.config import ParamsError, load_params
+from experiments.datamodule import DatasetLayoutError, build_datamodule, split_record
+from experiments.models import backbone_spec, build_model, model_params
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_NAME = "model.ckpt"
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def accelerator(params: dict[str, Any]) -> str:
+    """``train.accelerator`` (default ``auto``: a GPU when Lightning finds one, else the CPU)."""
+    value = (params.get("train") or {}).get("accelerator", "auto")
+    if value not in ACCELERATORS:
+        raise ParamsError(f"params.yaml: train.accelerator must be one of {ACCELERATORS}, got {value!r}")
+    return str(value)
+
+
+def device_used(engine: Any) -> dict[str, str]:
+    """The device the trainer really ran on, e.g. ``{"device": "cuda:0", "device_name": "NVIDIA L4"}``."""
+    import platform
+
+    device = engine.trainer.strategy.root_device
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name}
 
 
 def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callbacks: list | None = None) -> Any:
-    """An anomalib ``Engine`` on CPU with the progress bar on and no logger.
+    """An anomalib ``Engine`` on ``train.accelerator`` with the progress bar on and no logger.
 
     ``scratch`` receives anomalib's versioned working folders; it is wiped first so reruns do not
     pile up ``v0, v1, ...`` directories.
@@ -42,7 +67,7 @@ def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callback
     shutil.rmtree(scratch, ignore_errors=True)
     epochs = model_params(model_name, params)["max_epochs"]
     return Engine(
-        accelerator="cpu",
+        accelerator=accelerator(params),
         devices=1,
         max_epochs=epochs,
         # Validation only learns the threshold and min/max normalisation (no early stopping), so
@@ -84,9 +109,9 @@ def train(
     )
     engine = make_engine(params, model_name, work_dir / model_name, [checkpoint])
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     engine.fit(model=model, datamodule=datamodule)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     ckpt = out_dir / CHECKPOINT_NAME
     if not ckpt.is_file():  # e.g. a model/trainer combination that skipped the callback
@@ -94,6 +119,8 @@ def train(
     record = {
         "model": model_name,
         "train_time_s": round(seconds, 3),
+        # CPU seconds of this process: on a shared machine wall time inflates, this does much less.
+        "train_cpu_s": round(cpu_seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "n_train_images": len(datamodule.train_data),
         "n_val_images": len(datamodule.val_data),
@@ -102,6 +129,8 @@ def train(
         # train.threshold policy as applied: method used (f1 or normal_quantile) and why, counts
         "threshold": model.post_processor.threshold_record,
         "splits": split_record(datamodule, dataset),
+        **device_used(engine),
+        "backbone": backbone_spec(params).describe(),
         "checkpoint": str(ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt),
     }
     (out_dir / "train.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -115,9 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", type=Path, default=REPO_ROOT / "build" / "dataset")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "models")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    model_params(args.model, params)  # fail on bad params before importing torch
-    record = train(args.model, params, args.dataset, args.out / args.model)
+    try:
+        params = load_params(args.params)
+        model_params(args.model, params)  # fail on bad params before importing torch
+        accelerator(params)
+        record = train(args.model, params, args.dataset, args.out / args.model)
+    except (ParamsError, DatasetLayoutError) as exc:
+        sys.exit(f"train: error: {exc}")
     print(json.dumps(record, indent=2))
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
-from serving.model_meta import input_block, load_metadata, sha256_file
+from serving.model_meta import SCHEMA_VERSION, input_block, load_metadata, sha256_file
+from serving.preprocess import PreprocessError, check_policy, model_input
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("registry.promote")
 
-SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 SCORE_OUTPUT = "pred_score"
@@ -72,6 +72,17 @@ def _image_size(summary: EvalSummary) -> tuple[int, int]:
     ):
         return int(raw[0]), int(raw[1])
     raise PromoteError(f"{summary.path}: image_size must be a positive int or [height, width], got {raw!r}")
+
+
+def _geometry(summary: EvalSummary) -> str:
+    """The resize policy the champion was trained and evaluated with (``summary.json: resize``).
+
+    Summaries written before the policy was recorded were evaluated with a plain stretch.
+    """
+    try:
+        return check_policy(summary.get("resize", "stretch"), f"{summary.path}: resize")
+    except PreprocessError as exc:
+        raise PromoteError(str(exc)) from exc
 
 
 def _finite_number(summary: EvalSummary, key: str) -> float:
@@ -158,12 +169,14 @@ def download_onnx(client: MlflowClient, name: str, alias: str, version: str, dst
     return out
 
 
-def load_images(dataset: Path, n: int, size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
+def load_images(
+    dataset: Path, n: int, size: tuple[int, int], geometry: str = "stretch"
+) -> list[tuple[str, np.ndarray]]:
     """Up to ``n`` test images (half good, half defect, sorted) as ``float32[1,3,H,W]`` RGB in [0, 1].
 
-    Bilinear resize to ``size`` — the same preparation the serving side applies (contract §5).
+    Prepared by :func:`serving.preprocess.model_input` with the champion's resize policy: the
+    function the serving side applies (contract §5).
     """
-    import numpy as np
     from PIL import Image
 
     test = dataset / "test"
@@ -178,13 +191,10 @@ def load_images(dataset: Path, n: int, size: tuple[int, int]) -> list[tuple[str,
                 picked.append(files.pop(0))
     if not picked:
         raise PromoteError(f"{test}: no test images to verify the champion with (run the prepare stage)")
-    height, width = size
     arrays = []
     for path in picked:
         with Image.open(path) as im:
-            rgb = im.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-        arr = np.asarray(rgb, dtype=np.float32) / 255.0
-        arrays.append((str(path), arr.transpose(2, 0, 1)[None].copy()))
+            arrays.append((str(path), model_input(im, size, geometry)))
     return arrays
 
 
@@ -202,7 +212,13 @@ def _session(path: Path) -> Any:
 
 
 def verify(
-    candidate: Path, reference: Path, size: tuple[int, int], dataset: Path, n: int, atol: float
+    candidate: Path,
+    reference: Path,
+    size: tuple[int, int],
+    dataset: Path,
+    n: int,
+    atol: float,
+    geometry: str = "stretch",
 ) -> str:
     """Check input spec and outputs, and ``pred_score`` against the evaluated export; return input name."""
     import numpy as np
@@ -226,7 +242,7 @@ def verify(
     ref = _session(reference)
     ref_input = ref.get_inputs()[0].name
     worst = 0.0
-    for path, x in load_images(dataset, n, size):
+    for path, x in load_images(dataset, n, size, geometry):
         got = np.asarray(sess.run([SCORE_OUTPUT], {inp.name: x})[0], dtype=np.float64).ravel()
         want = np.asarray(ref.run([SCORE_OUTPUT], {ref_input: x})[0], dtype=np.float64).ravel()
         if got.shape != want.shape or not np.all(np.isfinite(got)):
@@ -245,7 +261,7 @@ def verify(
 def build_metadata(
     *, model_path: Path, input_name: str, size: tuple[int, int], summary: EvalSummary, name: str, version: Any
 ) -> dict[str, Any]:
-    """metadata.json exactly per contract §5 (schema_version 1)."""
+    """metadata.json exactly per contract §5 (schema_version 2: the input records the resize policy)."""
     metrics = {
         k: float(v)
         for k, v in sorted(summary.metrics.items())
@@ -265,7 +281,7 @@ def build_metadata(
         "registered_model": name,
         "registry_version": str(version.version),
         "run_id": summary.run_id,
-        "input": input_block(input_name, size[0], size[1]),
+        "input": input_block(input_name, size[0], size[1], _geometry(summary)),
         "normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "applied": "inside_model"},
         "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
         "threshold": _finite_number(summary, "threshold"),
@@ -342,7 +358,7 @@ def promote(
         with tempfile.TemporaryDirectory(prefix="promote-download-") as tmp:
             model_file = download_onnx(client, name, alias, str(version.version), Path(tmp))
             reference = eval_dir / summary.model / "onnx" / MODEL_FILE
-            input_name = verify(model_file, reference, size, dataset, n_images, atol)
+            input_name = verify(model_file, reference, size, dataset, n_images, atol, _geometry(summary))
             shutil.copyfile(model_file, staged / MODEL_FILE)
         metadata = build_metadata(
             model_path=staged / MODEL_FILE,

@@ -1,9 +1,15 @@
-"""Load and validate ``metadata.json`` (schema_version 1, ``docs/contracts.md`` section 5).
+"""Load and validate ``metadata.json`` (schema_version 2, ``docs/contracts.md`` section 5).
 
 The Lambda must refuse to start with a model it cannot interpret correctly: a wrong
 input size, a missing output name or a swapped ``model.onnx`` would silently produce
 wrong scores. Validation therefore happens once, at cold start, with errors that name
 the file and the field at fault.
+
+Version 2 adds ``input.geometry`` (the resize policy: letterbox, stretch or center_crop) and
+``input.bit_depth`` (how integer pixels become [0, 1]; see :mod:`serving.preprocess`). The bump
+is what makes an *older* serving build refuse a model whose pixels it would prepare wrongly.
+Version 1 files are still read: they were written when serving always stretched and knew no
+other rule, so they mean ``geometry: stretch``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from serving.preprocess import BIT_DEPTH_RULE, DEFAULT_RESIZE, PreprocessError, check_policy
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_FILE = "metadata.json"
 # The fixed part of ``input`` (everything but name and size): what scoring.py feeds the graph.
 FIXED_INPUT: dict[str, Any] = {
@@ -41,6 +50,7 @@ class InputSpec:
     height: int
     width: int
     channels: int = 3
+    geometry: str = DEFAULT_RESIZE
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,16 @@ class ModelMetadata:
         return self.model_dir / self.model_file
 
 
-def input_block(name: str, height: int, width: int) -> dict[str, Any]:
+def input_block(name: str, height: int, width: int, geometry: str = DEFAULT_RESIZE) -> dict[str, Any]:
     """The ``input`` section of metadata.json, for whoever writes it (promote, test fixtures)."""
-    return {"name": name, "height": height, "width": width, **copy.deepcopy(FIXED_INPUT)}
+    return {
+        "name": name,
+        "height": height,
+        "width": width,
+        **copy.deepcopy(FIXED_INPUT),
+        "geometry": check_policy(geometry, "input.geometry"),
+        "bit_depth": BIT_DEPTH_RULE,
+    }
 
 
 def sha256_file(path: Path) -> str:
@@ -105,9 +122,10 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
     if not isinstance(data, dict):
         raise ModelMetadataError(f"{where}: top level must be a JSON object")
     version = _require(data, "schema_version", int, where)
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ModelMetadataError(
-            f"{where}: unsupported schema_version {version} (this serving code reads {SCHEMA_VERSION})"
+            f"{where}: unsupported schema_version {version} (this serving code reads "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); deploy a serving build that matches the model"
         )
     model_file = _require(data, "model_file", str, where)
     if not model_file or Path(model_file).is_absolute() or ".." in Path(model_file).parts:
@@ -125,12 +143,23 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
     channels = _positive_int(inp, "channels", iwhere) if "channels" in inp else 3
     if channels != 3:
         raise ModelMetadataError(f"{iwhere}.channels is {channels}; serving only supports 3 (RGB)")
-    input_spec = InputSpec(
-        name=_require(inp, "name", str, iwhere),
-        height=_positive_int(inp, "height", iwhere),
-        width=_positive_int(inp, "width", iwhere),
-        channels=channels,
-    )
+    name = _require(inp, "name", str, iwhere)
+    height, width = _positive_int(inp, "height", iwhere), _positive_int(inp, "width", iwhere)
+    if version == 1:  # before geometry was recorded, serving always stretched
+        geometry = "stretch"
+    else:
+        try:
+            geometry = check_policy(_require(inp, "geometry", str, iwhere), f"{iwhere}.geometry")
+        except PreprocessError as exc:
+            raise ModelMetadataError(
+                f"{exc}; this serving code cannot prepare images for this model"
+            ) from exc
+        bit_depth = _require(inp, "bit_depth", str, iwhere)
+        if bit_depth != BIT_DEPTH_RULE:
+            raise ModelMetadataError(
+                f"{iwhere}.bit_depth is {bit_depth!r}; this serving code only applies {BIT_DEPTH_RULE!r}"
+            )
+    input_spec = InputSpec(name=name, height=height, width=width, channels=channels, geometry=geometry)
 
     outputs = _require(data, "outputs", dict, where)
     threshold = float(_require(data, "threshold", (int, float), where))

@@ -55,10 +55,14 @@ def find_images(root: Path, *, recursive: bool) -> list[Path]:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (Pillow's decompression-bomb limit stays in force)."""
+    """Open and fully decode an image (Pillow's decompression-bomb limit stays in force).
+
+    The mode is kept (16-bit grey stays 16-bit): the scorer's shared pre-processing applies the
+    bit-depth rule; converting to RGB here would clip every 16-bit pixel to white.
+    """
     with Image.open(path) as image:
         image.load()
-        return image.convert("RGB")
+        return image.copy()
 
 
 class Progress:
@@ -96,7 +100,7 @@ def score_images(
             if overlays:
                 target = out_dir / "overlays" / Path(rel).with_suffix(".png")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(overlay(image, result.anomaly_map))
+                target.write_bytes(overlay(image, result.anomaly_map, geometry=result.geometry))
                 row["overlay"] = target.relative_to(out_dir).as_posix()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, ScoringError) as exc:
             row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")

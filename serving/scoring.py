@@ -2,9 +2,10 @@
 
 The ONNX graph already contains anomalib's pre-processing (resize + ImageNet normalisation)
 and post-processing (min-max normalisation so that ``threshold`` is 0.5 and the anomaly map
-is in [0, 1]); see ``docs/contracts.md`` section 5. Serving therefore only has to feed
-``float32[1, 3, H, W]`` RGB in [0, 1] and read two outputs. Only numpy, Pillow and ONNX
-Runtime are used so the Lambda image stays small and torch-free.
+is in [0, 1]); see ``docs/contracts.md`` section 5. Serving feeds it ``float32[1, 3, H, W]``
+RGB in [0, 1] made by :func:`serving.preprocess.model_input` - the same function that wrote the
+training images - with the resize policy and bit-depth rule recorded in ``metadata.json``.
+Only numpy, Pillow and ONNX Runtime are used so the Lambda image stays small and torch-free.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from serving.model_meta import ModelMetadata, load_metadata
+from serving.preprocess import map_to_original, model_input, to_rgb8
 
 
 class ScoringError(RuntimeError):
@@ -40,6 +42,8 @@ class ScoreResult:
     threshold: float
     anomaly_map: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    # The resize policy the map was made under; pass it to overlay() so the map lands on the image.
+    geometry: str = "stretch"
 
 
 def configure_runtime_environment() -> None:
@@ -137,13 +141,17 @@ class Scorer:
         return self.metadata.threshold
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """RGB, bilinear resize to the model's HxW, float32 in [0, 1], NCHW with batch 1."""
+        """The shared pre-processing (bit depth, ``metadata.input.geometry``) -> ``float32[1,3,H,W]``.
+
+        Raises :class:`serving.preprocess.PreprocessError` (a ``ValueError``) for an image mode
+        or pixel range the rule does not cover.
+        """
         spec = self.metadata.input
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        if rgb.size != (spec.width, spec.height):
-            rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-        array = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
-        return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis])
+        return model_input(image, (spec.height, spec.width), spec.geometry)
+
+    def map_to_image(self, anomaly_map: np.ndarray, image: Image.Image) -> np.ndarray:
+        """The model-size anomaly map placed back on ``image``'s own pixels (undoes the policy)."""
+        return map_to_original(anomaly_map, image.width, image.height, self.metadata.input.geometry)
 
     def score(self, image: Image.Image | bytes) -> ScoreResult:
         """Score one image (a PIL image or encoded JPEG/PNG bytes)."""
@@ -173,6 +181,7 @@ class Scorer:
                 "inference": (t2 - t1) * 1000.0,
                 "postprocess": (t3 - t2) * 1000.0,
             },
+            geometry=meta.input.geometry,
         )
 
 
@@ -206,22 +215,22 @@ def overlay(
     *,
     alpha: float = 0.5,
     image_format: Literal["PNG", "JPEG"] = "PNG",
+    geometry: str = "stretch",
 ) -> bytes:
     """Blend the coloured anomaly map over the image at the image's own size; return encoded bytes.
 
-    The map is upsampled bilinearly (as a float image, so no 8-bit banding) to the input size,
-    so operators see the heat map on the picture the camera actually took.
+    The map is mapped back through the resize policy ``geometry`` (letterbox padding dropped,
+    centre-crop borders left unscored) and upsampled bilinearly as floats (no 8-bit banding),
+    so operators see the heat map on the picture the camera actually took - drawn with the
+    same bit-depth rule the model used, so a 16-bit image is not shown as a white sheet.
     """
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    base = to_rgb8(image).astype(np.float32)
     heat_map = np.asarray(anomaly_map, dtype=np.float32)
     if heat_map.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D, got shape {heat_map.shape}")
-    if heat_map.shape != (rgb.height, rgb.width):
-        heat_map = np.asarray(
-            Image.fromarray(heat_map, mode="F").resize(rgb.size, Image.Resampling.BILINEAR), dtype=np.float32
-        )
+    if heat_map.shape != base.shape[:2]:
+        heat_map = map_to_original(heat_map, base.shape[1], base.shape[0], geometry)
     colours = heat_colormap(heat_map).astype(np.float32)
-    base = np.asarray(rgb, dtype=np.float32)
     blended = (1.0 - alpha) * base + alpha * colours
     out = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
     buffer = io.BytesIO()

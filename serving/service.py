@@ -40,6 +40,7 @@ from serving.events import (
     query_parameters,
     validate_identifier,
 )
+from serving.preprocess import PreprocessError
 from serving.routes import RESULT_ROUTE, RESULTS_ROUTE, event_method_and_path, match_route
 from serving.scoring import Scorer, ScoringError, overlay
 from serving.storage import IdempotencyConflict, InvalidPageToken, ResultRecord, ResultStore, StorageError
@@ -134,6 +135,8 @@ class InferenceService:
                     503, f"{exc.store}_error", exc.public_message, state, latency, started, log, retry=True
                 )
             return self._fail(500, f"{exc.store}_error", exc.public_message, state, latency, started, log)
+        except PreprocessError as exc:  # decoded fine, but no rule turns its pixels into model input
+            return self._fail(422, "unsupported_image", str(exc), state, latency, started, log)
         except ScoringError as exc:
             log["scoring_error"] = str(exc)
             message = "the model failed on this image"
@@ -181,12 +184,15 @@ class InferenceService:
 
         t = time.perf_counter()
         threshold = request.threshold if request.threshold is not None else self.scorer.threshold
-        analysis = analyse(result.anomaly_map, threshold, request.image.size, request.original_size)
+        # The model-size map placed back on the working image through the resize policy (letterbox
+        # padding dropped), once: mask, regions and overlay all read these pixels.
+        heat = self.scorer.map_to_image(result.anomaly_map, request.image)
+        analysis = analyse(heat, threshold, request.image.size, request.original_size)
         mask_bytes = mask_png(analysis.mask)
         latency["analyse"] = _ms_since(t)
 
         t = time.perf_counter()
-        overlay_png = overlay(request.image, result.anomaly_map)
+        overlay_png = overlay(request.image, heat)
         latency["overlay"] = _ms_since(t)
 
         meta = self.scorer.metadata

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from serving.model_meta import input_block, sha256_file
+from serving.model_meta import SCHEMA_VERSION, input_block, sha256_file
 
 N_NORMAL = 16
 N_DEFECT = 8
@@ -134,7 +134,7 @@ def build_tiny_model(out_dir: Path, image_size: int = 64) -> Path:
         raise RuntimeError(f"unexpected ONNX outputs {output_names}")
 
     metadata = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "model_file": "model.onnx",
         "model_sha256": sha256_file(model_file),
         "model_name": "padim",

@@ -232,8 +232,14 @@ def _missing_root(root: Path) -> Path:
     return root
 
 
-def _rgba(root: Path) -> Path:
-    return _png(root / "test/defect/d001.png", mode="RGBA")
+def _wide_int(root: Path) -> Path:
+    """A 32-bit integer TIFF whose values are not 16-bit data: no rule maps it to [0, 1]."""
+    import numpy as np
+
+    path = root / "test/defect/d001.tif"
+    (root / "test/defect/d001.png").unlink()
+    Image.fromarray(np.full((64, 64), 70000, np.int32)).save(path)
+    return path
 
 
 def _tiny(root: Path) -> Path:
@@ -272,7 +278,7 @@ def _no_defects(root: Path) -> Path:
         (_empty_train, "no training images"),
         (_missing_train, "not found"),
         (_missing_root, "not found"),
-        (_rgba, "unsupported image mode 'RGBA'"),
+        (_wide_int, "is not 16-bit data"),
         (_tiny, "smaller than 32 px"),
         (_not_an_image, "not an image"),
         (_partial_masks, "defect image without mask"),

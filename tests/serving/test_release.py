@@ -346,7 +346,7 @@ def test_refuses_without_promoted_model(
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"schema_version": 2}, "schema_version"),
+        ({"schema_version": 99}, "schema_version"),
         ({"model_sha256": "0" * 64}, "sha256"),
         ({"outputs": {"score": "pred_score"}}, "anomaly_map"),
     ],

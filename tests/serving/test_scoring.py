@@ -50,7 +50,10 @@ def test_preprocess_contract(scorer: Scorer) -> None:
     assert batch.shape == (1, 3, 64, 64)
     assert batch.dtype == np.float32
     assert batch.flags["C_CONTIGUOUS"]
-    assert np.allclose(batch, 1.0)
+    # the fixture's metadata says letterbox (the default): 300x200 -> 64x43 of white, black bars
+    assert scorer.metadata.input.geometry == "letterbox"
+    assert np.allclose(batch[:, :, 10:53], 1.0)
+    assert np.allclose(batch[:, :, :10], 0.0) and np.allclose(batch[:, :, 53:], 0.0)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -143,7 +146,7 @@ def test_sha256_mismatch_is_named(model_copy: Path) -> None:
 @pytest.mark.parametrize(
     "changes,fragment",
     [
-        ({"schema_version": 2}, "schema_version 2"),
+        ({"schema_version": 99}, "schema_version 99"),
         ({"schema_version": None}, "'schema_version'"),
         ({"model_file": "missing.onnx"}, "missing.onnx"),
         ({"model_file": "../model.onnx"}, "relative path"),

@@ -188,7 +188,7 @@ def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: S
     base = f"results/line-2/2026/05/06/gw-1/{item['attempt_id']['S']}"
     expected = scorer.score(data)
     image = Image.open(io.BytesIO(data))
-    analysis = analyse(expected.anomaly_map, 0.5, image.size, image.size)
+    analysis = analyse(scorer.map_to_image(expected.anomaly_map, image), 0.5, image.size, image.size)
     assert body == {
         "score": expected.score,
         "is_anomalous": expected.is_anomalous,
@@ -206,7 +206,7 @@ def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: S
         "image_width": 300,
         "image_height": 300,
     }
-    expected_overlay = overlay(image, expected.anomaly_map)
+    expected_overlay = overlay(image, scorer.map_to_image(expected.anomaly_map, image))
     assert _objects() == {
         f"{base}-overlay.png": expected_overlay,
         f"{base}-mask.png": mask_png(analysis.mask),

@@ -1,0 +1,215 @@
+"""Backbones from a local weights file, the two trained models, and the accelerator setting.
+
+* ``backbone.weights`` names a file: a missing file, a file of another architecture, and a bad
+  value are each one clear error; a good file trains end to end (timm ``resnet18``, tiny PaDiM)
+  through anomalib's unchanged ``pre_trained=True`` path, offline.
+* CFlow and SuperSimpleNet train on a dozen ELPV cells, export, and pass evaluate's
+  ONNX-vs-torch check (the stage fails above ``evaluate.onnx_tolerance``).
+* ``train.accelerator`` is validated; the device actually used lands in ``train.json`` and in the
+  MLflow run's ``device`` tag.
+
+The resnet18 weights are random (saved from ``timm.create_model(pretrained=False)``): what is
+tested is that *these exact tensors* reach the feature extractor, which random values show best.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from experiments.config import ParamsError
+from experiments.models import model_params, resize_policy
+
+PARAMS = {
+    "seed": 42,
+    "data": {"image_size": 64},
+    "backbone": {"name": "tf_efficientnet_lite0"},
+    "train": {"batch_size": 4, "num_workers": 0, "accelerator": "auto"},
+    "models": {
+        "padim": {"layers": ["blocks.1", "blocks.2"], "n_features": 16},
+        "cflow": {
+            "layers": ["blocks.4"],
+            "fiber_batch_size": 32,
+            "coupling_blocks": 2,
+            "condition_vector": 32,
+        },
+        "supersimplenet": {"layers": ["blocks.2", "blocks.4"]},
+    },
+    "evaluate": {"n_heatmaps": 2, "latency_repeats": 2, "onnx_tolerance": 1e-3},
+}
+
+
+def _params(**changes: dict) -> dict:
+    params = copy.deepcopy(PARAMS)
+    for section, value in changes.items():
+        params[section] = value
+    return params
+
+
+def _tiny_dataset(root: Path) -> Path:
+    """ELPV cells in MVTec layout: 8 normal for training, 4 normal + 4 defective for test."""
+    from tests.model_fixture import elpv_samples
+
+    normal, defect = elpv_samples(n_normal=12, n_defect=4)
+    for sub, paths in (("train/good", normal[:8]), ("test/good", normal[8:]), ("test/defect", defect)):
+        (root / sub).mkdir(parents=True)
+        for path in paths:
+            shutil.copyfile(path, root / sub / path.name)
+    return root
+
+
+@pytest.fixture
+def hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure_offline() edits the environment and huggingface_hub's constants: undo afterwards."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        monkeypatch.delenv(var, raising=False)
+    for attr in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setattr(constants, attr, getattr(constants, attr))
+
+
+# --- params: one clear error each ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ({"name": "resnet18"}, r"backbone\.name 'resnet18' has no offline weights; set backbone\.weights"),
+        ({"name": "resnet18", "weights": "nowhere/r18.safetensors"}, r"nowhere/r18\.safetensors not found"),
+        ({"name": "resnet18", "weights": "r18.onnx"}, r"'hub' or a path ending in \.safetensors"),
+        ({"name": "resnet18", "weigths": "x.pth"}, r"unknown key\(s\) \['weigths'\]"),
+        ({"name": ""}, "must be a timm model name"),
+    ],
+)
+def test_backbone_params_fail_with_the_fix(backbone: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        model_params("padim", _params(backbone=backbone))
+
+
+def test_missing_weights_file_names_file_and_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "weights" / "resnet18.safetensors"
+    with pytest.raises(ParamsError) as info:
+        model_params("padim", _params(backbone={"name": "resnet18", "weights": str(missing)}))
+    message = str(info.value)
+    assert str(missing) in message and "backbone.weights" in message and "\n" not in message
+
+
+def test_train_stage_turns_a_missing_weights_file_into_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    params = _params(backbone={"name": "resnet18", "weights": str(tmp_path / "gone.pth")})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "padim", "--params", str(tmp_path / "params.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "gone.pth not found" in proc.stderr
+
+
+def test_accelerator_and_resize_policy_are_validated() -> None:
+    from experiments.train import accelerator
+
+    assert accelerator(_params()) == "auto"
+    assert accelerator(_params(train={})) == "auto"
+    with pytest.raises(ParamsError, match=r"train\.accelerator must be one of"):
+        accelerator(_params(train={"accelerator": "tpu-pod"}))
+    assert resize_policy(_params()) == "letterbox"  # the stated default
+    with pytest.raises(ParamsError, match=r"data\.resize must be one of letterbox, stretch, center_crop"):
+        resize_policy(_params(data={"image_size": 64, "resize": "fit"}))
+
+
+def test_new_models_validate_their_params() -> None:
+    assert model_params("cflow", _params())["coupling_blocks"] == 2
+    assert model_params("supersimplenet", _params())["perlin_threshold"] == 0.2
+    bad = _params()
+    bad["models"]["cflow"] = {"layers": ["blocks.4"], "lr": 0}
+    with pytest.raises(ParamsError, match=r"models\.cflow\.lr must be a positive number"):
+        model_params("cflow", bad)
+    bad["models"]["supersimplenet"] = {"layers": ["blocks.9"]}
+    with pytest.raises(ParamsError, match=r"unknown layer 'blocks\.9'"):
+        model_params("supersimplenet", bad)
+
+
+# --- a local weights file, end to end --------------------------------------------------------------
+
+
+def test_wrong_architecture_file_is_one_clear_error(tmp_path: Path, hub_env: None) -> None:
+    import timm
+    import torch
+
+    from experiments.backbones import BackboneError, install_weights_file
+
+    path = tmp_path / "lite0.pth"
+    torch.save(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict(), path)
+    with pytest.raises(BackboneError, match=r"does not fit timm 'resnet18'.*missing.*torch\.save"):
+        install_weights_file("resnet18", path, tmp_path / "hf")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="cannot read backbone weights"):
+        install_weights_file("resnet18", tmp_path / "junk.pth", tmp_path / "hf")
+
+
+def test_local_weights_file_trains_a_non_default_backbone(tmp_path: Path, hub_env: None) -> None:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from experiments.models import build_model
+    from experiments.train import train
+
+    torch.manual_seed(7)
+    reference = timm.create_model("resnet18", pretrained=False).state_dict()
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(weights))
+    params = _params(backbone={"name": "resnet18", "weights": str(weights)})
+    params["models"]["padim"] = {"layers": ["layer1", "layer2"], "n_features": 32}
+
+    model = build_model("padim", params)
+    loaded = model.model.feature_extractor.feature_extractor.state_dict()
+    assert torch.equal(loaded["conv1.weight"], reference["conv1.weight"])  # the file's tensors, offline
+    assert torch.equal(loaded["layer2.0.conv1.weight"], reference["layer2.0.conv1.weight"])
+
+    dataset = _tiny_dataset(tmp_path / "dataset")
+    record = train("padim", params, dataset, tmp_path / "models" / "padim", work_dir=tmp_path / "engine")
+    assert record["backbone"] == f"resnet18 ({weights})"
+    assert (tmp_path / "models" / "padim" / "model.ckpt").is_file()
+
+
+# --- the two trained models: train, evaluate, ONNX parity ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cflow", "supersimplenet"])
+def test_new_model_trains_exports_and_matches_torch(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments.evaluate import evaluate
+    from experiments.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = _params()
+    dataset = _tiny_dataset(tmp_path / "dataset")
+    models_dir, work = tmp_path / "models", tmp_path / "engine"
+    record = train(name, params, dataset, models_dir / name, work_dir=work)
+    assert record["device"] == "cpu" and record["epochs"] >= 0
+    assert json.loads((models_dir / name / "train.json").read_text())["device"] == "cpu"
+
+    summary = evaluate(name, params, dataset, models_dir, tmp_path / "eval" / name, work_dir=work)
+    metrics = summary["metrics"]
+    assert metrics["onnx_max_abs_diff"] <= params["evaluate"]["onnx_tolerance"]
+    assert 0.0 <= metrics["image_AUROC"] <= 1.0
+    assert summary["resize"] == "letterbox" and summary["device"] == "cpu"
+
+    import mlflow
+
+    assert mlflow.get_run(summary["run_id"]).data.tags["device"] == "cpu"
