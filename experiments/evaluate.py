@@ -86,6 +86,16 @@ def _test_samples(datamodule: Any) -> list[tuple[Path, int]]:
     return sorted((Path(p), int(label)) for p, label in zip(frame.image_path, frame.label_index, strict=True))
 
 
+def write_scores(path: Path, samples: list[tuple[Path, int]], scores: list[float], dataset: Path) -> None:
+    """``image,label,score`` per scored test image (paths relative to ``dataset`` when inside it)."""
+    rows, root = ["image,label,score"], dataset.resolve()
+    for (image, label), score in zip(samples, scores, strict=True):
+        path_ = image.resolve()
+        rel = path_.relative_to(root).as_posix() if path_.is_relative_to(root) else path_.as_posix()
+        rows.append(f"{rel},{label},{score:.9g}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
 def _heatmap_picks(samples: list[tuple[Path, int]], n: int) -> list[int]:
     """Indices of the first ``ceil(n/2)`` defective and ``floor(n/2)`` normal test images."""
     defects = [i for i, (_, label) in enumerate(samples) if label == 1]
@@ -250,6 +260,8 @@ def evaluate(
         model, onnx_path, samples, size, out_dir / "heatmaps", settings["n_heatmaps"], model_name
     )
     curves = roc_pr(scored["labels"], scored["scores"])
+    # Per-image ONNX scores: benchmarks/accuracy.py bootstraps confidence intervals from them.
+    write_scores(out_dir / "scores.csv", samples, scored["scores"], dataset)
     write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
     write_curve(out_dir / "plots" / "pr.csv", "recall", curves["recall"], "precision", curves["precision"])
     ort_ms, torch_ms = measure_latency(
