@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from experiments.backbones import BackboneError
 from experiments.config import ParamsError, load_params
-from experiments.datamodule import build_datamodule, mask_dirs
+from experiments.datamodule import DatasetLayoutError, build_datamodule, mask_dirs
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, ort_session, run_ort
 from experiments.models import build_model, model_params
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
-from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
+from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 from experiments.train import CHECKPOINT_NAME, make_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +200,7 @@ def log_to_mlflow(
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=tags) as run:
         mlflow.log_params(tracking.flatten(logged))
+        tracking.log_data_input(params)  # the DVC hash of data/ in the UI's Dataset column
         mlflow.log_metrics(metrics)
         mlflow.log_dict(train_record, "train/train.json")
         mlflow.log_artifacts(str(out_dir / "plots"), artifact_path="plots")
@@ -331,6 +333,7 @@ def evaluate(
     return summary
 
 
+@stage_main("evaluate", OnnxMismatchError, DatasetLayoutError, BackboneError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
@@ -356,4 +359,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

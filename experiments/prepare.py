@@ -38,6 +38,7 @@ from experiments.data_validation import (
     select_subset,
     validate_data_params,
 )
+from experiments.runtime import stage_main
 
 DATASET_DIR = Path("build/dataset")
 REPORT_PATH = Path("build/prepare/report.json")
@@ -124,6 +125,7 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     return report
 
 
+@stage_main("prepare", DataValidationError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

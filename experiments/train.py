@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from experiments.backbones import BackboneError
 from experiments.config import load_params
-from experiments.datamodule import build_datamodule, mask_dirs
+from experiments.datamodule import DatasetLayoutError, build_datamodule, mask_dirs
 from experiments.models import build_model, model_params
-from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
+from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_NAME = "model.ckpt"
@@ -105,6 +107,7 @@ def train(
     return record
 
 
+@stage_main("train", DatasetLayoutError, BackboneError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
@@ -119,4 +122,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import shlex
 import subprocess
 import sys
@@ -29,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.mlflow_uri import tracking_uri as resolved_tracking_uri
 from serving.model_meta import ModelMetadata, ModelMetadataError, load_metadata, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ReleaseError(RuntimeError):
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from botocore.exceptions import BotoCoreError, ClientError
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    tracking_uri = resolved_tracking_uri()  # the training side's rule (serving.mlflow_uri)
     try:
         plan = plan_release(
             model_dir=args.model_dir,
