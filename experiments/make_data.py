@@ -240,7 +240,7 @@ def materialise(out: Path, limit: int | None = None) -> bool:
     return True
 
 
-@stage_main("make_data", ValueError)
+@stage_main("make_data", ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data", help="output folder (default: data)")
