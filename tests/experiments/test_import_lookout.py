@@ -178,3 +178,44 @@ def test_partial_masks_and_missing_args_are_one_line_errors(
     assert not (tmp_path / "data" / "ground_truth").exists()
     assert import_lookout.main(["--images", str(FILES), "--out", str(tmp_path / "x")]) == 1
     assert "--manifest" in capsys.readouterr().err
+
+
+def test_pipeline_runs_on_the_imported_cookie_set_with_pixel_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """import -> prepare -> train -> evaluate (PaDiM, small params) gives pixel metrics from the masks."""
+    import mlflow
+    import yaml
+
+    from experiments.evaluate import evaluate
+    from experiments.prepare import prepare
+    from experiments.train import train
+
+    data = tmp_path / "data"
+    assert _run(data, "--seed", "42", "--test-fraction", "0.4") == 0
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"] |= {"root": str(data), "image_size": 64, "max_train": 10_000, "max_test_good": 10_000}
+    params["data"]["max_test_defect"] = 10_000
+    params["models"] = {"padim": {"layers": ["blocks.1", "blocks.2"], "n_features": 16}}
+    params["evaluate"] |= {"n_heatmaps": 2, "latency_repeats": 3}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    dataset, work = tmp_path / "dataset", tmp_path / "engine"
+    report = prepare(params_file, dataset, tmp_path / "report.json")
+    assert report["masks"]["selected"] == 32
+    train("padim", params, dataset, tmp_path / "models" / "padim", work_dir=work)
+    try:
+        summary = evaluate(
+            "padim", params, dataset, tmp_path / "models", tmp_path / "eval" / "padim", work_dir=work
+        )
+        metrics = summary["metrics"]
+        assert 0.5 < metrics["pixel_AUROC"] <= 1.0 and 0.5 < metrics["image_AUROC"] <= 1.0, metrics
+        scored = (tmp_path / "eval" / "padim" / "scores.csv").read_text().splitlines()
+        assert scored[0] == "image,label,score" and len(scored) - 1 == summary["n_test_images"]
+        (dataset_input,) = mlflow.get_run(summary["run_id"]).inputs.dataset_inputs
+        assert dataset_input.dataset.digest == dvc_dir_md5(data) and dataset_input.dataset.name == "data"
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
