@@ -10,7 +10,13 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.accuracy import ALL_IMAGES, bench_params, bootstrap_auroc_ci
+from benchmarks.accuracy import (
+    ALL_IMAGES,
+    bench_params,
+    bootstrap_auroc_ci,
+    bootstrap_pixel_auroc_ci,
+    histogram_auroc,
+)
 
 
 def test_point_estimate_equals_sklearn_with_ties() -> None:
@@ -57,3 +63,22 @@ def test_bench_params_take_every_image_and_apply_overrides(tmp_path: Path) -> No
     assert params["data"]["image_size"] == 128
     with pytest.raises(SystemExit, match="unknown model"):
         bench_params(tmp_path, ["nope"], [])
+
+
+def test_pixel_auroc_from_histograms_equals_sklearn_on_the_binned_pixels() -> None:
+    rng = np.random.default_rng(5)
+    bins, n_images = 50, 12
+    labels = [0] * 6 + [1] * 6
+    pos, neg = np.zeros((n_images, bins)), np.zeros((n_images, bins))
+    all_scores, all_truth = [], []
+    for i, label in enumerate(labels):
+        truth = (rng.random(400) < 0.1) if label else np.zeros(400, dtype=bool)
+        binned = np.clip(((rng.random(400) * 0.7 + 0.3 * truth) * bins).astype(int), 0, bins - 1)
+        pos[i] = np.bincount(binned[truth], minlength=bins)
+        neg[i] = np.bincount(binned[~truth], minlength=bins)
+        all_scores += binned.tolist()
+        all_truth += truth.tolist()
+    auroc, low, high = bootstrap_pixel_auroc_ci(pos, neg, labels, resamples=300, seed=0)
+    assert auroc == pytest.approx(roc_auc_score(all_truth, all_scores))
+    assert low < auroc < high and high - low < 0.2
+    assert histogram_auroc(np.array([0, 0, 3.0]), np.array([2.0, 0, 0])) == 1.0
