@@ -182,7 +182,7 @@ def read_manifest(
 ) -> list[Record]:
     """Parse and resolve every line of one manifest; raise LookoutImportError naming the first bad line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM from Windows editors
     except (OSError, UnicodeDecodeError) as exc:
         raise LookoutImportError(
             f"{path}: cannot read manifest ({exc}); pass an existing JSON-lines file"
