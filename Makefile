@@ -39,9 +39,9 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 
-# MLflow UI on http://127.0.0.1:5000 over the embedded tracking store.
+# MLflow UI on http://127.0.0.1:5000 over the pipeline's tracking store (serving/mlflow_uri.py decides).
 ui: $(VENV)/.installed
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m serving.mlflow_uri)" --host 127.0.0.1 --port 5000
 
 # Team tracking server: PostgreSQL backend store + S3 artifacts (proxied); see scripts/mlflow_server.py.
 # MLFLOW_SERVER_ARGS='--artifacts-destination s3://bucket/mlflow' for real S3 (default: local moto S3).

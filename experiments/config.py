@@ -27,7 +27,11 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     try:
         params = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: invalid YAML: {exc}") from exc
+        # One line (stage errors are one line): where it broke and what the parser expected.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ParamsError(f"{path}: invalid YAML{where}: {' '.join(str(problem).split())}") from exc
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
     return params

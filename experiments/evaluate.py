@@ -40,13 +40,14 @@ from typing import Any
 
 import numpy as np
 
+from experiments.backbones import BackboneError
 from experiments.config import ParamsError, load_params
-from experiments.datamodule import build_datamodule, has_masks, is_synthetic, split_record
+from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, ort_session, run_ort
 from experiments.metrics import StreamingPixelMetrics
 from experiments.models import build_model, model_params, resize_policy
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
-from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
+from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 from experiments.train import CHECKPOINT_NAME, make_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,18 @@ def _test_samples(datamodule: Any) -> list[tuple[Path, int, Path | None]]:
         mask_path = Path(mask) if isinstance(mask, str) and mask else None
         out.append((Path(path), int(label), mask_path))
     return sorted(out, key=lambda s: (s[0], s[1]))
+
+
+def write_scores(
+    path: Path, samples: list[tuple[Path, int, Path | None]], scores: list[float], dataset: Path
+) -> None:
+    """``image,label,score`` per scored test image (paths relative to ``dataset`` when inside it)."""
+    rows, root = ["image,label,score"], dataset.resolve()
+    for (image, label, _mask), score in zip(samples, scores, strict=True):
+        path_ = image.resolve()
+        rel = path_.relative_to(root).as_posix() if path_.is_relative_to(root) else path_.as_posix()
+        rows.append(f"{rel},{label},{score:.9g}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 def load_mask(path: Path | None, size: int) -> np.ndarray:
@@ -227,6 +240,7 @@ def log_to_mlflow(
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=tags) as run:
         mlflow.log_params(tracking.flatten(logged) | {"test_set": tags["test_set"]})
+        tracking.log_data_input(params)  # the DVC hash of data/ in the UI's Dataset column
         mlflow.log_metrics(metrics)
         mlflow.log_dict(train_record, "train/train.json")
         mlflow.log_artifacts(str(out_dir / "plots"), artifact_path="plots")
@@ -302,6 +316,8 @@ def evaluate(
         policy,
     )
     curves = roc_pr(scored["labels"], scored["scores"])
+    # Per-image ONNX scores: benchmarks/accuracy.py bootstraps confidence intervals from them.
+    write_scores(out_dir / "scores.csv", samples, scored["scores"], dataset)
     write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
     write_curve(out_dir / "plots" / "pr.csv", "recall", curves["recall"], "precision", curves["precision"])
     ort_ms, torch_ms = measure_latency(
@@ -380,6 +396,7 @@ def evaluate(
     return summary
 
 
+@stage_main("evaluate", OnnxMismatchError, DatasetLayoutError, BackboneError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
@@ -390,19 +407,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging (tests, quick checks)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    try:
-        summary = evaluate(
-            args.model,
-            params,
-            args.dataset,
-            args.models,
-            args.out / args.model,
-            use_mlflow=not args.no_mlflow,
-        )
-    except OnnxMismatchError as exc:
-        sys.exit(f"evaluate: {exc}")
+    summary = evaluate(
+        args.model, params, args.dataset, args.models, args.out / args.model, use_mlflow=not args.no_mlflow
+    )
     print(json.dumps(summary["metrics"], indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,6 @@ Usage: ``python -m experiments.make_data [--out data] [--limit N]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -44,6 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from experiments.data_validation import dvc_dir_md5, recorded_md5
+from experiments.runtime import atomic_directory, stage_main
 
 PACKAGE = "elpv_dataset"
 DISTRIBUTION = "elpv-dataset"
@@ -228,25 +228,6 @@ def _write_tree(tmp: Path, plan: dict[str, Cell], texts: dict[str, bytes]) -> No
         shutil.copyfile(cell.source, tmp / rel)  # bytes unchanged, no re-encoding
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Remove temp folders left by killed runs (``.<name>.tmp-<pid>`` whose process is gone)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        with contextlib.suppress(ValueError):
-            pid = int(stale.name.rsplit("-", 1)[1])
-            if pid != os.getpid() and not _pid_alive(pid):
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def materialise(out: Path, limit: int | None = None) -> bool:
     """Create ``out`` atomically; return True if anything was written, False if it was already correct."""
     cells = read_labels(package_data_dir())
@@ -254,22 +235,12 @@ def materialise(out: Path, limit: int | None = None) -> bool:
     texts = text_files(plan, cells, limit)
     if is_up_to_date(out, plan, texts):
         return False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out) as tmp:
         _write_tree(tmp, plan, texts)
-        if out.exists() or out.is_symlink():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return True
 
 
+@stage_main("make_data", ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data", help="output folder (default: data)")

@@ -37,7 +37,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from experiments.config import ParamsError, load_params
+from experiments.config import load_params
 from experiments.data_validation import (
     DataParams,
     DataValidationError,
@@ -51,6 +51,7 @@ from experiments.data_validation import (
     validate_data_params,
 )
 from experiments.models import resize_policy
+from experiments.runtime import stage_main
 from serving.preprocess import PreprocessError, fit_image, fit_mask
 
 DATASET_DIR = Path("build/dataset")
@@ -199,17 +200,14 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     return report
 
 
+@stage_main("prepare", DataValidationError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=DATASET_DIR)
     parser.add_argument("--report", type=Path, default=REPORT_PATH)
     args = parser.parse_args(argv)
-    try:
-        report = prepare(args.params, args.out, args.report)
-    except (DataValidationError, ParamsError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 1
+    report = prepare(args.params, args.out, args.report)
     selected = ", ".join(f"{k} {v}" for k, v in report["selected"].items())
     print(f"prepare: {args.out}: {selected}; data_version {report['data_version']}; report {args.report}")
     return 0

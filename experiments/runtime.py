@@ -8,9 +8,15 @@ instead of a crash.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import resource
+import shutil
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 
 def seed_everything(seed: int) -> None:
@@ -40,3 +46,90 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*deterministic.*", category=UserWarning)
     logging.getLogger("timm.models._builder").setLevel(logging.ERROR)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove temp folders left by killed runs (``.<name>.tmp-<pid>`` whose process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        with contextlib.suppress(ValueError):
+            pid = int(stale.name.rsplit("-", 1)[1])
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield an empty temp sibling of ``out``; on success swap it into place, on error drop it.
+
+    Why: a data folder is read by DVC and by every stage; a run killed half-way (or a bad input
+    found after the first files were written) must leave the previous ``out`` untouched, never a
+    half-written one. The temp folder is a sibling so the final ``os.replace`` is a rename on one
+    file system.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists() or out.is_symlink():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class StageError(Exception):
+    """An error the user fixes (input data, a path, the order of stages): shown as one line, exit 1."""
+
+
+def _user_error_types(extra: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
+    from experiments.config import ParamsError
+
+    return (ParamsError, StageError, FileNotFoundError, *extra)
+
+
+def stage_main(
+    stage: str, *errors: type[BaseException]
+) -> Callable[[Callable[..., int | None]], Callable[..., int]]:
+    """Decorate a stage's ``main``: a params or data error becomes ONE line on stderr and exit code 1.
+
+    Why one wrapper for every stage (prepare, train, evaluate, select, promote, make_data, the
+    Lookout import): DVC prints a stage's stderr; a 60-line traceback for a typo in params.yaml
+    hides the one line that says which key is wrong and how to fix it. ``errors`` adds the
+    stage's own error classes to the always-handled ones (``ParamsError``, ``StageError``,
+    ``FileNotFoundError``). Anything else is a bug and keeps its traceback. ``VI_TRACEBACK=1``
+    shows the traceback of handled errors too, for debugging.
+
+    The wrapped ``main`` returns an int (``None`` counts as 0), so ``sys.exit(main())`` works.
+    """
+
+    def decorate(func: Callable[..., int | None]) -> Callable[..., int]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> int:
+            try:
+                result = func(*args, **kwargs)
+            except _user_error_types(errors) as exc:
+                if os.environ.get("VI_TRACEBACK") == "1":
+                    raise
+                message = " ".join(str(exc).split()) or type(exc).__name__
+                print(f"{stage}: error: {message}", file=sys.stderr)
+                return 1
+            return 0 if result is None else int(result)
+
+        return wrapper
+
+    return decorate

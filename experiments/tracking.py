@@ -3,8 +3,9 @@
 Why a module: every stage must log to the same store and experiment, never phone home, and not
 depend on the working directory (DVC, pytest and people start stages from different places).
 
-* Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db`` (MLflow 3's model
-  registry needs a database store, a plain ``./mlruns`` folder cannot hold registered models).
+* Store: resolved by ``serving.mlflow_uri.tracking_uri`` (the single writer of that rule, shared with
+  ``serving.release``): ``MLFLOW_TRACKING_URI`` if set (relative local paths taken from the repo
+  root), else ``sqlite:///<repo>/mlflow.db`` (MLflow 3's model registry needs a database store).
 * Artifacts: a local folder ``mlartifacts/`` next to the sqlite database (``<repo>/mlartifacts/`` by
   default), fixed when the experiment is created, so the files live with the database and not
   wherever a stage happened to run; a test's temporary database gets its own temporary folder.
@@ -30,9 +31,15 @@ from typing import Any
 
 import yaml
 
+from serving.mlflow_uri import tracking_uri
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DB = REPO_ROOT / "mlflow.db"
 EXPERIMENT_NAME = "visual-inspection"
+# The MLflow 3 UI opens an experiment in its "Model training" view (runs table, metrics, models)
+# rather than the GenAI view (traces) when the experiment carries this tag; values from the UI's
+# own enum (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, mapped to MACHINE_LEARNING).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # Code whose change changes results; hashed into pipeline_id.
 CODE_FILES = (
     "experiments/backbones.py",
@@ -41,11 +48,6 @@ CODE_FILES = (
     "experiments/train.py",
     "experiments/evaluate.py",
 )
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an absolute sqlite URI for ``<repo>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
 
 
 def setup_tracking() -> str:
@@ -89,6 +91,10 @@ def get_or_create_experiment(name: str = EXPERIMENT_NAME) -> str:
     setup_tracking()
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created before the tag existed
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return experiment.experiment_id
     location = None
     if not is_tracking_server():
@@ -96,7 +102,9 @@ def get_or_create_experiment(name: str = EXPERIMENT_NAME) -> str:
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
@@ -140,6 +148,47 @@ def data_version(dvc_file: Path = REPO_ROOT / "data.dvc") -> str:
         return "unknown"
 
 
+def data_root(params: Mapping[str, Any]) -> Path:
+    """The data folder of ``params`` (``data.root``), absolute; relative roots are taken from the repo."""
+    root = Path(str((params.get("data") or {}).get("root", "data")))
+    return root if root.is_absolute() else REPO_ROOT / root
+
+
+def data_digest(params: Mapping[str, Any]) -> str:
+    """DVC hash of the data folder: the md5 its ``<root>.dvc`` records, else computed like ``dvc add``.
+
+    The recorded hash is what ``dvc checkout``/``dvc pull`` restores, so it names the data version; a
+    folder without a ``.dvc`` file (a benchmark's or a test's data) gets the same hash computed from
+    its files, so two runs on equal data still show equal digests.
+    """
+    from experiments.data_validation import dvc_dir_md5
+
+    root = data_root(params)
+    recorded = data_version(root.parent / f"{root.name}.dvc")
+    if recorded != "unknown":
+        return recorded
+    return dvc_dir_md5(root) if root.is_dir() else "unknown"
+
+
+def log_data_input(params: Mapping[str, Any], context: str = "training") -> None:
+    """Log the data version as the active run's MLflow dataset input (the UI's Dataset column).
+
+    Digest = the DVC hash (:func:`data_digest`, at most 36 characters as MLflow's store requires);
+    name = the data folder's name; source = where it lives (the folder, and the ``.dvc`` file that
+    tracks it when there is one).
+    """
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    root = data_root(params)
+    digest = data_digest(params)
+    dataset = MetaDataset(source=LocalArtifactDatasetSource(str(root)), name=root.name, digest=digest[:36])
+    dvc_file = root.parent / f"{root.name}.dvc"
+    tags = {"dvc_md5": digest, "dvc_file": str(dvc_file) if dvc_file.is_file() else "none"}
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
@@ -168,7 +217,7 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def run_tags(model: str, params: Mapping[str, Any], stage: str) -> dict[str, str]:
     """Tags that tie a run to its code, data and DVC stage (and ``dvc exp run`` name, if any)."""
-    version = data_version()
+    version = data_digest(params)
     tags = {
         "model_name": model,
         "git_commit": git_commit(),

@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments.backbones import BackboneError
 from experiments.config import ParamsError, load_params
 from experiments.datamodule import DatasetLayoutError, build_datamodule, split_record
 from experiments.models import backbone_spec, build_model, model_params
-from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything
+from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_NAME = "model.ckpt"
@@ -137,6 +138,7 @@ def train(
     return record
 
 
+@stage_main("train", DatasetLayoutError, BackboneError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
@@ -144,15 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", type=Path, default=REPO_ROOT / "build" / "dataset")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "models")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        model_params(args.model, params)  # fail on bad params before importing torch
-        accelerator(params)
-        record = train(args.model, params, args.dataset, args.out / args.model)
-    except (ParamsError, DatasetLayoutError) as exc:
-        sys.exit(f"train: error: {exc}")
+    params = load_params(args.params)
+    model_params(args.model, params)  # fail on bad params before importing torch
+    accelerator(params)
+    record = train(args.model, params, args.dataset, args.out / args.model)
     print(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,38 +4,19 @@ Why a wrapper: the registry stages must hit exactly the store the evaluation sta
 (``MLFLOW_TRACKING_URI``, else the repo's ``sqlite:///mlflow.db``; MLflow 3 refuses a plain
 ``file:./mlruns`` model registry), must never phone home (telemetry off), and must not depend on the
 current working directory, because DVC, pytest and humans start them from different places.
-If ``experiments.tracking`` provides the same setup, it is used so both sides agree by construction.
+The store is resolved by ``experiments.tracking.setup_tracking`` (→ ``serving.mlflow_uri``), the same
+call the evaluate stage makes, so both sides agree by construction.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from experiments.tracking import setup_tracking
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DB = REPO_ROOT / "mlflow.db"
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an absolute sqlite URI for ``<repo>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
-
-
-def _experiments_setup() -> str | None:
-    """Use ``experiments.tracking.setup_tracking()`` when the experiments side provides it."""
-    try:
-        from experiments import tracking  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    setup = getattr(tracking, "setup_tracking", None)
-    if not callable(setup):
-        return None
-    uri = setup()
-    return uri if isinstance(uri, str) else None
 
 
 def get_client() -> MlflowClient:
@@ -49,7 +30,5 @@ def get_client() -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    uri = _experiments_setup() or tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    uri = setup_tracking()  # sets both process-wide URIs to the one resolved store
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from experiments.runtime import stage_main
+from registry.rule import SelectionError
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
 from serving.model_meta import SCHEMA_VERSION, input_block, load_metadata, sha256_file
 from serving.preprocess import PreprocessError, check_policy, model_input
@@ -401,9 +403,9 @@ def check_champion_file(path: Path | None, version: Any) -> None:
             )
 
 
+@stage_main("promote", SelectionError, RegistryError, PromoteError)
 def main(argv: Sequence[str] | None = None) -> int:
     from experiments.config import ParamsError, load_params
-    from registry.rule import SelectionError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from experiments.runtime import stage_main
 from registry.rule import (
     Candidate,
     NoEligibleCandidateError,
@@ -496,6 +497,7 @@ def run(
     return record
 
 
+@stage_main("select", SelectionError, RegistryError)
 def main(argv: Sequence[str] | None = None) -> int:
     from experiments.config import ParamsError, load_params
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -36,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.mlflow_uri import tracking_uri as resolved_tracking_uri
 from serving.model_meta import ModelMetadata, ModelMetadataError, load_metadata, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ReleaseError(RuntimeError):
@@ -370,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from infra.config import ConfigError, load_stage, parse_context
     from infra.deploy import DeployError, deploy_steps, with_image
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    tracking_uri = resolved_tracking_uri()  # the training side's rule (serving.mlflow_uri)
     try:
         # The stage's knobs are checked before anything is built: a bad one costs no build.
         context = {"ecr_repository": args.repository, **parse_context(args.context)}
