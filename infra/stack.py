@@ -13,11 +13,11 @@ Design decisions (see README, *Deploy to AWS*):
 
 * **Auth: IAM (SigV4) on every method** of a REST API. Cameras sign requests with AWS credentials
   that carry the stack's ``CameraInvokePolicy`` (execute-api:Invoke on exactly these routes).
-  REST rather than HTTP API because it has binary media types, stage throttling and a usage
-  plan model; both cost nothing when idle.
+  REST rather than HTTP API because it has explicit binary media types and per-method stage
+  throttling settings, and hands the handler the v1 events it already parses; both cost nothing idle.
 * The image is referenced in ECR by tag or digest (``DockerImageCode.from_ecr``): synth never builds.
 * The stack needs no CDK bootstrap (``BootstraplessSynthesizer``: no assets), so the template can be
-  deployed by plain CloudFormation (``infra.deploy``) or by the CDK CLI.
+  deployed by plain CloudFormation (``infra.deploy``) without ``cdk bootstrap``.
 * Nothing is billed while idle except storage, CloudWatch alarms/dashboard and, when set,
   provisioned concurrency (see README for figures).
 """

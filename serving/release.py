@@ -401,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         run_commands(plan.commands)
         print(plan.image)
         if not args.no_deploy:
-            result = deploy_stage(target, region=plan.region)
+            try:
+                result = deploy_stage(target, region=plan.region)
+            except (DeployError, BotoCoreError, ClientError) as exc:
+                retry = shlex.join(
+                    ["python", "-m", "infra.deploy", "--stage", stage.stage, "--image-tag", plan.tag]
+                    + [word for pair in args.context for word in ("--context", pair)]
+                )
+                raise PublishError(
+                    f"{plan.image} is pushed, but deploying stage {stage.stage} failed: {exc} "
+                    f"(fix the cause, then: {retry})"
+                ) from exc
             print(
                 json.dumps({"stack": result.stack_name, "action": result.action, **result.outputs}, indent=2)
             )

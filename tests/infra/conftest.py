@@ -26,6 +26,10 @@ class Synth:
 def synth() -> Synth:
     """Every stage of params.yaml with its defaults, plus ``full``: every optional feature on
     (retention/TTL, alarm e-mail, provisioned concurrency, arm64, originals kept, other prefix)."""
+    import shutil
+
+    if shutil.which("node") is None:  # jsii runs the CDK's JavaScript in Node.js
+        pytest.fail("Node.js (>= 20) is not on PATH: aws-cdk-lib needs it (apt-get install nodejs)")
     from infra.app import synth_templates
     from infra.config import load_stage, stage_names
 

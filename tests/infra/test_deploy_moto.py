@@ -133,12 +133,14 @@ def test_stack_deploys_to_local_cloudformation_and_the_handler_writes_to_its_res
     original_key = item["Item"]["original_key"]["S"]  # store_original is on in this stage
     assert s3.get_object(Bucket=bucket, Key=original_key)["Body"].read() == image_bytes()
 
-    # Deploying the same template again changes nothing; a stack in a failed first create is refused.
+    # Exactly the objects the item references are stored (overlay, original, any others).
+    referenced = {v["S"] for k, v in item["Item"].items() if k.endswith("_key")}
+    assert {overlay_key, original_key} <= referenced
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == referenced
+
+    # Deploying the same template again changes nothing.
     again = deploy_template(cfn, config.stack_name, template, poll=0.1, log=lambda _: None)
     assert again.action == "unchanged"
-    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == sorted(
-        [overlay_key, original_key]
-    )
 
 
 def test_function_role_may_write_its_prefix_only_under_enforced_iam(synth: Synth, aws_env: str) -> None:

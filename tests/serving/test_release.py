@@ -324,6 +324,27 @@ def test_release_deploys_the_stage_with_the_pushed_tag(
     assert json.loads(out[out.index("{") :])["stack"] == "visual-inspection-prod"
 
 
+def test_failed_deploy_after_push_says_how_to_retry_the_deploy(
+    env: Registry,
+    promoted: Path,
+    fake_docker: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from infra.deploy import DeployError
+
+    def fail(config: Any, *, region: str | None) -> Any:
+        raise DeployError(f"stack {config.stack_name} ended UPDATE_ROLLBACK_COMPLETE (Function: quota)")
+
+    monkeypatch.setattr(release, "deploy_stage", fail)
+    assert release.main(["--model-dir", str(promoted), "--region", "us-east-1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    tag = f"v1-{_git_short()}"
+    assert err.startswith("release failed: ") and f"visual-inspection:{tag} is pushed" in err
+    assert err.endswith(f"then: python -m infra.deploy --stage dev --image-tag {tag})")
+    assert "UPDATE_ROLLBACK_COMPLETE" in err
+
+
 def test_bad_deploy_knob_is_refused_before_anything_runs(
     env: Registry, promoted: Path, fake_docker: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
