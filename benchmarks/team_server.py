@@ -29,9 +29,9 @@ import json, sys, time
 from registry import select as s
 from registry.mlflow_client import get_client
 from registry.rule import Candidate, SelectionRule, select
-summary = s.EvalSummary(model="m", run_id=sys.argv[1], model_uri=sys.argv[2],
-                        metrics={"image_AUROC": 0.9, "onnx_max_abs_diff": 0.0}, path=__import__("pathlib").Path("x"),
-                        raw={"data_version": "bench"})
+metrics = {"image_AUROC": 0.9, "onnx_max_abs_diff": 0.0}
+summary = s.EvalSummary(model="m", run_id=sys.argv[1], model_uri=sys.argv[2], metrics=metrics,
+                        path=__import__("pathlib").Path("x"), raw={"data_version": "bench"})
 sel = select([Candidate("m", summary.metrics)], SelectionRule.from_params({"metric": "image_AUROC"}))
 client = get_client()
 t = time.perf_counter()
