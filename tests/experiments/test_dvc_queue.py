@@ -26,7 +26,7 @@ from tests.model_fixture import elpv_samples
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
-SWEEP = {"sweep-lr-01": 0.1, "sweep-lr-03": 0.3, "sweep-lr-05": 0.5}
+SWEEP = {"sweep-lr-01": 0.1, "sweep-lr-05": 0.5}  # two experiments, two workers: run at once
 QUEUE_TIMEOUT_S = 600
 
 STAGE = '''\
