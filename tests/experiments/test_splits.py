@@ -183,3 +183,16 @@ def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert splits["scored"]["files"] == test_files
     run = mlflow.get_run(summary["run_id"])
     assert run.data.tags["test_set"] == "synthetic" and run.data.params["test_set"] == "synthetic"
+
+    # the selection over this run says it ranked by a metric on synthetic anomalies
+    from registry.select import choose, selection_document
+
+    one_model = {
+        **params,
+        "models": {"padim": params["models"]["padim"]},
+        "selection": {"metric": "image_AUROC"},
+    }
+    selection, _ = choose(one_model, tmp_path / "eval")
+    document = selection_document(selection)
+    assert document["test_set"] == "synthetic" and "synthetic anomalies" in document["ranked_by"]
+    assert document["champion"] == "padim" and "[synthetic anomalies" in document["reason"]
