@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # keep `import experiments.models` cheap: torch/anomalib load
     from anomalib.models import AnomalibModule
 
 DFM_SCORE_TYPES = ("fre", "nll")
-CFLOW_DECODERS = ("freia-cflow",)
+SSN_MIN_MAP = 32  # anomalib's Perlin generator draws scales up to 2**5
 
 # Keys each model accepts under ``models.<name>``; ``max_epochs`` is read by train.py.
 MODEL_KEYS: dict[str, set[str]] = {
@@ -185,10 +185,17 @@ def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
             "lr": float(lr),
         }
     elif name == "supersimplenet":
-        out |= {
-            "layers": _layers(name, cfg, available, backbone),
-            "perlin_threshold": _fraction(name, cfg, "perlin_threshold", default=0.2),
-        }
+        layers = _layers(name, cfg, available, backbone)
+        # Features are upscaled to 2x the first layer's map and anomalib draws Perlin noise on it
+        # at random scales up to 32: a smaller map crashes training at random (empty noise grid).
+        side = 2 * image_size // available[layers[0]][1]
+        if side < SSN_MIN_MAP:
+            raise ParamsError(
+                f"{_where(name, 'layers')}: {layers[0]} gives a {side}x{side} feature map at "
+                f"data.image_size {image_size}; SuperSimpleNet needs >= {SSN_MIN_MAP} (use an earlier "
+                f"layer, stride <= {2 * image_size // SSN_MIN_MAP}, or a larger image_size)"
+            )
+        out |= {"layers": layers, "perlin_threshold": _fraction(name, cfg, "perlin_threshold", default=0.2)}
     elif name == "dfm":
         layers = _layers(name, cfg, available, backbone, "layer")
         if len(layers) != 1:

@@ -65,7 +65,7 @@ def _needs_rewrite(src: Path, size: int) -> bool:
 
 
 def _write_file(src: Path, dest: Path, size: int, policy: str, is_mask: bool = False) -> None:
-    """Write ``src`` as the model will see it (``fit_image``/``fit_mask``), PNG, or copy it unchanged."""
+    """Write ``src`` as the model will see it (``fit_image``/``fit_mask``) as a PNG at ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(src) as im:
         try:

@@ -37,7 +37,7 @@ PARAMS = {
             "coupling_blocks": 2,
             "condition_vector": 32,
         },
-        "supersimplenet": {"layers": ["blocks.2", "blocks.4"]},
+        "supersimplenet": {"layers": ["blocks.1", "blocks.2"]},  # 64 px: blocks.1 (/4) -> 32x32
     },
     "evaluate": {"n_heatmaps": 2, "latency_repeats": 2, "onnx_tolerance": 1e-3},
 }
@@ -139,6 +139,9 @@ def test_new_models_validate_their_params() -> None:
         model_params("cflow", bad)
     bad["models"]["supersimplenet"] = {"layers": ["blocks.9"]}
     with pytest.raises(ParamsError, match=r"unknown layer 'blocks\.9'"):
+        model_params("supersimplenet", bad)
+    bad["models"]["supersimplenet"] = {"layers": ["blocks.4"]}  # /16 at 64 px: an 8x8 map
+    with pytest.raises(ParamsError, match=r"blocks\.4 gives a 8x8 feature map .* needs >= 32"):
         model_params("supersimplenet", bad)
 
 
