@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--backend-store-uri", help="existing PostgreSQL; default: run a local cluster")
-    parser.add_argument("--pg-data", type=Path, default=None, help="cluster folder (kept)")
+    parser.add_argument("--pg-data", type=Path, default=None, help="cluster folder (kept across starts)")
     parser.add_argument("--pg-port", type=int, default=5433)
     parser.add_argument("--artifacts-destination", default="s3://mlflow-artifacts/mlflow")
     parser.add_argument("--local-s3", action="store_true", help="start a local moto S3 server (no AWS)")
@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             host=args.host,
             backend_store_uri=args.backend_store_uri,
-            pg_data=args.pg_data or (None if args.backend_store_uri else _default_pg_data()),
+            # moto keeps S3 objects in memory only: with --local-s3 the database is temporary too, so
+            # a restart never leaves runs whose artifacts are gone (unless --pg-data asks for it).
+            pg_data=args.pg_data or (None if args.backend_store_uri or args.local_s3 else _default_pg_data()),
             pg_port=args.pg_port,
             artifacts_destination=args.artifacts_destination,
             local_s3=args.local_s3,
