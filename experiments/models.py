@@ -10,8 +10,11 @@ serving, evaluate and promote), so that resize is an identity and the resize pol
 
 Six models: PaDiM, PatchCore, DFM (fitted statistics, one pass), STFPM (student-teacher), and two
 trained ones that are stronger on the literature's benchmarks and export cleanly to ONNX:
-CFlow (conditional normalising flows on backbone features) and SuperSimpleNet (a segmentation
-head trained against synthetic Perlin-noise anomalies in feature space; no anomaly images needed).
+FRE (a tied autoencoder trained on backbone features; the reconstruction error is the anomaly map)
+and SuperSimpleNet (a segmentation head trained against synthetic Perlin-noise anomalies in
+feature space; no anomaly images needed). CFlow was tried and dropped: anomalib normalises its
+anomaly map by the maximum over the *batch*, so with batch 1 (serving) every image scores ~1
+(image AUROC 0.5 in the e2e run).
 FastFlow, Reverse Distillation and U-Flow were left out: anomalib hard-codes their backbones to
 ResNet/CaiT variants whose ImageNet weights cannot be had offline here.
 
@@ -41,15 +44,7 @@ MODEL_KEYS: dict[str, set[str]] = {
     "patchcore": {"layers", "coreset_sampling_ratio", "num_neighbors", "max_epochs"},
     "stfpm": {"layers", "max_epochs"},
     "dfm": {"layer", "pooling_kernel_size", "pca_level", "score_type", "max_epochs"},
-    "cflow": {
-        "layers",
-        "fiber_batch_size",
-        "condition_vector",
-        "coupling_blocks",
-        "clamp_alpha",
-        "lr",
-        "max_epochs",
-    },
+    "fre": {"layer", "pooling_kernel_size", "latent_dim", "max_epochs"},
     "supersimplenet": {"layers", "perlin_threshold", "max_epochs"},
 }
 SUPPORTED_MODELS = tuple(MODEL_KEYS)
@@ -170,19 +165,21 @@ def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         }
     elif name == "stfpm":
         out |= {"layers": _layers(name, cfg, available, backbone)}
-    elif name == "cflow":
-        clamp = cfg.get("clamp_alpha", 1.9)
-        lr = cfg.get("lr", 1e-4)
-        for key, value in (("clamp_alpha", clamp), ("lr", lr)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 100:
-                raise ParamsError(f"{_where(name, key)} must be a positive number, got {value!r}")
+    elif name == "fre":
+        layers = _layers(name, cfg, available, backbone, "layer")
+        if len(layers) != 1:
+            raise ParamsError(f"{_where(name, 'layer')} must be a single layer name, got {layers}")
+        channels, stride = available[layers[0]]
+        pool = _int(name, cfg, "pooling_kernel_size", 1, default=2)
+        side = image_size // stride // pool
+        if side < 1:
+            raise ParamsError(f"{_where(name, 'pooling_kernel_size')} = {pool} leaves no feature map")
+        # FRE's autoencoder works on the flattened pooled map, so its input size follows the params.
         out |= {
-            "layers": _layers(name, cfg, available, backbone),
-            "fiber_batch_size": _int(name, cfg, "fiber_batch_size", 1, default=64),
-            "condition_vector": _int(name, cfg, "condition_vector", 2, default=128),
-            "coupling_blocks": _int(name, cfg, "coupling_blocks", 1, default=8),
-            "clamp_alpha": float(clamp),
-            "lr": float(lr),
+            "layer": layers[0],
+            "pooling_kernel_size": pool,
+            "latent_dim": _int(name, cfg, "latent_dim", 1, default=220),
+            "input_dim": channels * side * side,
         }
     elif name == "supersimplenet":
         layers = _layers(name, cfg, available, backbone)
@@ -259,14 +256,14 @@ def build_model(
     except BackboneError as exc:
         raise ParamsError(str(exc)) from exc
 
-    from anomalib.models import Cflow, Dfm, Padim, Patchcore, Stfpm, Supersimplenet
+    from anomalib.models import Dfm, Fre, Padim, Patchcore, Stfpm, Supersimplenet
 
     classes: dict[str, Callable[..., AnomalibModule]] = {
         "padim": Padim,
         "patchcore": Patchcore,
         "stfpm": Stfpm,
         "dfm": Dfm,
-        "cflow": Cflow,
+        "fre": Fre,
         "supersimplenet": Supersimplenet,
     }
     cls = classes[name]

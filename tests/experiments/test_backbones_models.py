@@ -3,7 +3,7 @@
 * ``backbone.weights`` names a file: a missing file, a file of another architecture, and a bad
   value are each one clear error; a good file trains end to end (timm ``resnet18``, tiny PaDiM)
   through anomalib's unchanged ``pre_trained=True`` path, offline.
-* CFlow and SuperSimpleNet train on a dozen ELPV cells, export, and pass evaluate's
+* FRE and SuperSimpleNet train on a dozen ELPV cells, export, and pass evaluate's
   ONNX-vs-torch check (the stage fails above ``evaluate.onnx_tolerance``).
 * ``train.accelerator`` is validated; the device actually used lands in ``train.json`` and in the
   MLflow run's ``device`` tag.
@@ -31,12 +31,7 @@ PARAMS = {
     "train": {"batch_size": 4, "num_workers": 0, "accelerator": "auto"},
     "models": {
         "padim": {"layers": ["blocks.1", "blocks.2"], "n_features": 16},
-        "cflow": {
-            "layers": ["blocks.4"],
-            "fiber_batch_size": 32,
-            "coupling_blocks": 2,
-            "condition_vector": 32,
-        },
+        "fre": {"layer": "blocks.4", "pooling_kernel_size": 1, "latent_dim": 16},
         "supersimplenet": {"layers": ["blocks.1", "blocks.2"]},  # 64 px: blocks.1 (/4) -> 32x32
     },
     "evaluate": {"n_heatmaps": 2, "latency_repeats": 2, "onnx_tolerance": 1e-3},
@@ -131,12 +126,12 @@ def test_accelerator_and_resize_policy_are_validated() -> None:
 
 
 def test_new_models_validate_their_params() -> None:
-    assert model_params("cflow", _params())["coupling_blocks"] == 2
+    assert model_params("fre", _params())["input_dim"] == 112 * 4 * 4  # blocks.4 at 64 px: 4x4
     assert model_params("supersimplenet", _params())["perlin_threshold"] == 0.2
     bad = _params()
-    bad["models"]["cflow"] = {"layers": ["blocks.4"], "lr": 0}
-    with pytest.raises(ParamsError, match=r"models\.cflow\.lr must be a positive number"):
-        model_params("cflow", bad)
+    bad["models"]["fre"] = {"layer": "blocks.4", "pooling_kernel_size": 8}
+    with pytest.raises(ParamsError, match=r"models\.fre\.pooling_kernel_size = 8 leaves no feature map"):
+        model_params("fre", bad)
     bad["models"]["supersimplenet"] = {"layers": ["blocks.9"]}
     with pytest.raises(ParamsError, match=r"unknown layer 'blocks\.9'"):
         model_params("supersimplenet", bad)
@@ -192,7 +187,7 @@ def test_local_weights_file_trains_a_non_default_backbone(tmp_path: Path, hub_en
 # --- the two trained models: train, evaluate, ONNX parity ------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cflow", "supersimplenet"])
+@pytest.mark.parametrize("name", ["fre", "supersimplenet"])
 def test_new_model_trains_exports_and_matches_torch(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
