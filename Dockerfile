@@ -64,7 +64,7 @@ WORKDIR ${LAMBDA_TASK_ROOT}
 # Exactly the modules serving/app.py imports (tests/serving/test_dockerfile.py checks this).
 COPY serving/__init__.py serving/app.py serving/events.py serving/model_meta.py \
      serving/scoring.py serving/service.py serving/storage.py ${LAMBDA_TASK_ROOT}/serving/
-COPY serving/answer.py serving/routes.py ${LAMBDA_TASK_ROOT}/serving/
+COPY serving/answer.py serving/preprocess.py serving/routes.py ${LAMBDA_TASK_ROOT}/serving/
 # The promoted model (model.onnx + metadata.json, plus model.onnx.data if the export has one).
 COPY serving/model/ ${LAMBDA_TASK_ROOT}/serving/model/
 

@@ -139,7 +139,7 @@ def pixel_histograms(
     """Per scored image, histograms of the exported ONNX model's anomaly map over defect and normal pixels.
 
     Scores the images the way evaluate does (``experiments.evaluate.load_serving_input`` + ONNX
-    Runtime, i.e. what serving deploys); masks are ``ground_truth/<defect>/<stem>_mask.png`` resized
+    Runtime, i.e. what serving deploys); masks are ``ground_truth/<split>/<defect>/<stem>.png`` (prepare's layout) resized
     to the map with nearest neighbour; normal images have no defect pixels. Maps are anomalib's
     normalised ``[0, 1]`` maps, binned on ``bins`` equal bins.
     """
@@ -158,7 +158,8 @@ def pixel_histograms(
         binned = np.clip((amap * bins).astype(int), 0, bins - 1).reshape(-1)
         defect = np.zeros(amap.shape, dtype=bool)
         if label == 1:
-            mask_path = dataset / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+            # prepare writes each mask under its image's own stem: ground_truth/<split>/<defect>/<stem>.png
+            mask_path = dataset / "ground_truth" / Path(rel).parent / f"{image.stem}.png"
             with Image.open(mask_path) as m:
                 resized = m.convert("L").resize((amap.shape[1], amap.shape[0]), Image.Resampling.NEAREST)
             defect = np.asarray(resized) > 0
