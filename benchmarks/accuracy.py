@@ -139,8 +139,8 @@ def pixel_histograms(
     """Per scored image, histograms of the exported ONNX model's anomaly map over defect and normal pixels.
 
     Scores the images the way evaluate does (``experiments.evaluate.load_serving_input`` + ONNX
-    Runtime, i.e. what serving deploys); masks are ``ground_truth/<split>/<defect>/<stem>.png`` (prepare's layout) resized
-    to the map with nearest neighbour; normal images have no defect pixels. Maps are anomalib's
+    Runtime, i.e. what serving deploys); masks are prepare's ``ground_truth/<split>/<defect>/<stem>.png``,
+    resized to the map with nearest neighbour; normal images have no defect pixels. Maps are anomalib's
     normalised ``[0, 1]`` maps, binned on ``bins`` equal bins.
     """
     from PIL import Image

@@ -159,6 +159,25 @@ def build_tiny_model(out_dir: Path, image_size: int = 64) -> Path:
     return out_dir
 
 
+def tiny_split_dataset(root: Path) -> Path:
+    """ELPV cells in prepare's layout: 8 normal for training, 3 for validation, 4 normal + 4 defective
+    for test (normal-only validation: the threshold is a normal quantile)."""
+    import shutil
+
+    normal, defect = elpv_samples(n_normal=15, n_defect=4)
+    groups = (
+        ("train/good", normal[:8]),
+        ("val/good", normal[8:11]),
+        ("test/good", normal[11:]),
+        ("test/defect", defect),
+    )
+    for sub, paths in groups:
+        (root / sub).mkdir(parents=True)
+        for path in paths:
+            shutil.copyfile(path, root / sub / path.name)
+    return root
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.model_fixture OUT_DIR
     import sys
 

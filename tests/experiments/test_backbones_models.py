@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,10 @@ def _params(**changes: dict) -> dict:
 
 
 def _tiny_dataset(root: Path) -> Path:
-    """ELPV cells in MVTec layout: 8 normal for training, 4 normal + 4 defective for test."""
-    from tests.model_fixture import elpv_samples
+    """prepare's layout (train / val / test), as train and evaluate read it."""
+    from tests.model_fixture import tiny_split_dataset
 
-    normal, defect = elpv_samples(n_normal=12, n_defect=4)
-    for sub, paths in (("train/good", normal[:8]), ("test/good", normal[8:]), ("test/defect", defect)):
-        (root / sub).mkdir(parents=True)
-        for path in paths:
-            shutil.copyfile(path, root / sub / path.name)
-    return root
+    return tiny_split_dataset(root)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -133,22 +132,9 @@ def test_model_params_fill_defaults() -> None:
 
 
 def _tiny_dataset(root: Path) -> Path:
-    """ELPV cells in prepare's layout: 8 normal for training, 3 for validation, 4 normal + 4 defective
-    for test (normal-only validation: the threshold is a normal quantile)."""
-    from tests.model_fixture import elpv_samples
+    from tests.model_fixture import tiny_split_dataset
 
-    normal, defect = elpv_samples(n_normal=15, n_defect=4)
-    groups = (
-        ("train/good", normal[:8]),
-        ("val/good", normal[8:11]),
-        ("test/good", normal[11:]),
-        ("test/defect", defect),
-    )
-    for sub, paths in groups:
-        (root / sub).mkdir(parents=True)
-        for path in paths:
-            shutil.copyfile(path, root / sub / path.name)
-    return root
+    return tiny_split_dataset(root)
 
 
 def test_tiny_padim_trains_evaluates_and_onnx_matches_torch(

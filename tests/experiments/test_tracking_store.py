@@ -55,7 +55,10 @@ def test_every_caller_uses_the_one_resolver(store: str) -> None:
         for path in (REPO_ROOT / folder).rglob("*.py"):
             text = path.read_text(encoding="utf-8")
             # reads only: setting the variable for a child process (benchmarks) is not resolving it
-            reads = r"(environ\.get|getenv)\(\s*[\"']MLFLOW_TRACKING_URI|environ\[\s*[\"']MLFLOW_TRACKING_URI[\"']\s*\](?!\s*=[^=])"
+            reads = (
+                r"(environ\.get|getenv)\(\s*[\"']MLFLOW_TRACKING_URI"
+                r"|environ\[\s*[\"']MLFLOW_TRACKING_URI[\"']\s*\](?!\s*=[^=])"
+            )
             if re.search(reads, text):
                 readers.append(path.relative_to(REPO_ROOT).as_posix())
     assert readers == [], f"read MLFLOW_TRACKING_URI through serving.mlflow_uri instead: {readers}"
