@@ -161,12 +161,12 @@ def data_digest(params: Mapping[str, Any]) -> str:
     folder without a ``.dvc`` file (a benchmark's or a test's data) gets the same hash computed from
     its files, so two runs on equal data still show equal digests.
     """
-    from experiments.data_validation import dvc_dir_md5
-
     root = data_root(params)
     recorded = data_version(root.parent / f"{root.name}.dvc")
     if recorded != "unknown":
         return recorded
+    from experiments.data_validation import dvc_dir_md5  # only when nothing is recorded
+
     return dvc_dir_md5(root) if root.is_dir() else "unknown"
 
 

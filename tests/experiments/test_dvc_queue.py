@@ -49,7 +49,7 @@ DVC_YAML = """\
 stages:
   train:
     cmd: python train.py
-    deps: [train.py, data, experiments/tracking.py]
+    deps: [train.py, data, experiments/tracking.py, serving/mlflow_uri.py]
     params: [lr]
     metrics:
       - metrics.json:
@@ -90,6 +90,7 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
 ) -> None:
     repo = tmp_path / "sweep"
     (repo / "experiments").mkdir(parents=True)
+    (repo / "serving").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_", "MLFLOW_", "AWS_"))}
     env |= {
         "HOME": str(tmp_path / "home"),
@@ -105,7 +106,13 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
     for key, value in (("user.name", "sweeper"), ("user.email", "sweeper@example.invalid")):
         _run(["git", "config", key, value], repo, env)
     _run([DVC, "init", "-q"], repo, env)
-    for rel in ("experiments/__init__.py", "experiments/tracking.py"):
+    # tracking.py and the one module it imports at load time (the tracking-URI rule)
+    for rel in (
+        "experiments/__init__.py",
+        "experiments/tracking.py",
+        "serving/__init__.py",
+        "serving/mlflow_uri.py",
+    ):
         shutil.copyfile(REPO / rel, repo / rel)
     (repo / "data").mkdir()
     for p in elpv_samples(n_normal=2, n_defect=1)[0]:
