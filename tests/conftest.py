@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,34 @@ def serving_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), image_size=64)
 
 
+def _atomic_dynamodb_writes() -> None:
+    """Make moto's DynamoDB writes atomic, as DynamoDB's are.
+
+    moto's threaded server evaluates a ``ConditionExpression`` and then writes without a lock, so two
+    concurrent conditional puts of one key can both succeed (seen under CPU load: two different
+    images both answered 200 for one idempotency key). Real DynamoDB evaluates the condition and
+    writes the item atomically; the storage code relies on that, so the test server must too.
+    """
+    import functools
+    import threading
+
+    from moto.dynamodb.models import DynamoDBBackend
+
+    if getattr(DynamoDBBackend, "_vi_atomic", False):
+        return
+    lock = threading.RLock()
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+        original = getattr(DynamoDBBackend, name)
+
+        @functools.wraps(original)
+        def locked(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            with lock:
+                return __original(self, *args, **kwargs)
+
+        setattr(DynamoDBBackend, name, locked)
+    DynamoDBBackend._vi_atomic = True
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """A real local AWS endpoint (moto's threaded HTTP server on 127.0.0.1, random port).
@@ -49,6 +78,7 @@ def moto_server() -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
+    _atomic_dynamodb_writes()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
