@@ -6,6 +6,11 @@ Usage::
     python -m benchmarks.accuracy --datasets cookies --models padim dfm
     python -m benchmarks.accuracy --datasets elpv --set models.padim.layers='[blocks.2, blocks.4]'
     python -m benchmarks.accuracy --report-only --work build/bench-accuracy   # table from a previous run
+    python -m benchmarks.accuracy --datasets cookies --score-split val --set data.image_size=384  # tuning
+
+Tuning (no peeking): ``--score-split val`` scores the *validation* split instead of the test split
+(outputs in ``<work>/<data set>/eval-val/``; the table marks such rows ``(val)``). Choose layers,
+sizes and models on those figures; report the test split's figures, which the choice never saw.
 
 What it runs: for each data set, the same stage scripts ``dvc repro`` runs (``experiments.prepare``,
 ``experiments.train <model>``, ``experiments.evaluate <model>``), as subprocesses, with a copy of
@@ -33,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -262,13 +268,14 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     params = bench_params(data.resolve(), args.models, args.set)
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    dataset, models_dir, eval_dir = work / "dataset", work / "models", work / "eval"
+    dataset, models_dir = work / "dataset", work / "models"
     run_stage(
         ["experiments.prepare", "--params", str(params_file), "--out", str(dataset), "--report",
          str(work / "prepare.json")],
         log,
         env,
     )  # fmt: skip
+    scored, eval_dir = dataset_for_split(work, args.score_split)
     rows = []
     for model in args.models:
         print(f"accuracy: {name}/{model}: train ...", file=sys.stderr, flush=True)
@@ -281,7 +288,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             )  # fmt: skip
             print(f"accuracy: {name}/{model}: evaluate ...", file=sys.stderr, flush=True)
             eval_s, eval_mb = run_stage(
-                ["experiments.evaluate", model, "--params", str(params_file), "--dataset", str(dataset),
+                ["experiments.evaluate", model, "--params", str(params_file), "--dataset", str(scored),
                  "--models", str(models_dir), "--out", str(eval_dir)],
                 log,
                 env,
@@ -297,7 +304,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "eval_peak_mb": eval_mb,
         }
         (eval_dir / model / "bench.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        rows.append(collect_row(name, model, work, args.resamples, args.seed))
+        rows.append(collect_row(name, model, work, args.resamples, args.seed, args.score_split))
         print(render([rows[-1]]), file=sys.stderr, flush=True)
     return rows
 
@@ -309,13 +316,36 @@ def _pro_key(metrics: dict[str, Any]) -> str | None:
     return (integrated or keys or [None])[0]
 
 
-def collect_row(name: str, model: str, work: Path, resamples: int, seed: int) -> dict[str, Any]:
+def dataset_for_split(work: Path, split: str) -> tuple[Path, Path]:
+    """(data set evaluate scores, its eval folder) for ``--score-split``.
+
+    ``test`` is prepare's own output. ``val`` is a hard-linked view of it whose ``test/`` (and
+    ``ground_truth/test/``) are the validation images, so the unchanged evaluate stage scores them.
+    """
+    dataset = work / "dataset"
+    if split == "test":
+        return dataset, work / "eval"
+    view = work / "dataset-val"
+    shutil.rmtree(view, ignore_errors=True)
+    for src, dest in (("train", "train"), ("val", "val"), ("val", "test")):
+        shutil.copytree(dataset / src, view / dest, copy_function=os.link)
+    for src, dest in (("val", "val"), ("val", "test")):
+        if (dataset / "ground_truth" / src).is_dir():
+            shutil.copytree(
+                dataset / "ground_truth" / src, view / "ground_truth" / dest, copy_function=os.link
+            )
+    return view, work / "eval-val"
+
+
+def collect_row(
+    name: str, model: str, work: Path, resamples: int, seed: int, split: str = "test"
+) -> dict[str, Any]:
     """One table row from the stage outputs under ``work`` (metrics.json, scores.csv, bench.json)."""
-    eval_dir = work / "eval" / model
+    eval_dir = work / ("eval" if split == "test" else "eval-val") / model
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     bench = json.loads((eval_dir / "bench.json").read_text()) if (eval_dir / "bench.json").is_file() else {}
     row: dict[str, Any] = {
-        "dataset": name,
+        "dataset": name if split == "test" else f"{name}(val)",
         "model": model,
         "image_AUROC": metrics.get("image_AUROC"),
         "image_F1Score": metrics.get("image_F1Score"),
@@ -336,7 +366,7 @@ def collect_row(name: str, model: str, work: Path, resamples: int, seed: int) ->
         row["n_scored_defect"] = sum(labels)
         auroc, low, high = bootstrap_auroc_ci(labels, scores, resamples=resamples, seed=seed)
         row |= {"onnx_image_AUROC": auroc, "image_AUROC_ci": [low, high]}
-        dataset = work / "dataset"
+        dataset = work / ("dataset" if split == "test" else "dataset-val")
         if (dataset / "ground_truth").is_dir() and row["pixel_AUROC"] is not None:
             params = yaml.safe_load((work / "params.yaml").read_text(encoding="utf-8"))
             rels = [(line.rsplit(",", 2)[0], label) for line, label in zip(lines, labels, strict=True)]
@@ -346,6 +376,32 @@ def collect_row(name: str, model: str, work: Path, resamples: int, seed: int) ->
             )
             row |= {"onnx_pixel_AUROC": p_auroc, "pixel_AUROC_ci": [p_low, p_high]}
     return row
+
+
+def champions(rows: Sequence[dict[str, Any]], work: Path, split: str = "test") -> list[str]:
+    """Per data set, the model the pipeline's own rule (``registry.rule``, ``params.yaml: selection``)
+    would promote from these runs, with the rule's reason: the issue's targets are for the champion."""
+    from registry.rule import Candidate, SelectionError, SelectionRule, select
+
+    rule = SelectionRule.from_params(
+        yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))["selection"]
+    )
+    lines = []
+    for name in dict.fromkeys(r["dataset"].removesuffix("(val)") for r in rows):
+        folder = work / name / ("eval" if split == "test" else "eval-val")
+        candidates = [
+            Candidate(
+                r["model"], json.loads((folder / r["model"] / "metrics.json").read_text(encoding="utf-8"))
+            )
+            for r in rows
+            if r["dataset"].removesuffix("(val)") == name and "error" not in r
+        ]
+        try:
+            chosen = select(candidates, rule)
+            lines.append(f"{name}: champion {chosen.champion} - {chosen.reason}")
+        except SelectionError as exc:
+            lines.append(f"{name}: no champion - {exc}")
+    return lines
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -396,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cookies-test-fraction", type=float, default=0.4, help="normal cookies held out")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--score-split", choices=("test", "val"), default="test",
+        help="val: score the validation split (for tuning without touching the test split)",
+    )  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="re-read outputs of an earlier run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -405,11 +465,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         if args.report_only:
             for model in args.models:
-                if (args.work / name / "eval" / model / "metrics.json").is_file():
-                    rows.append(collect_row(name, model, args.work / name, args.resamples, args.seed))
+                folder = "eval" if args.score_split == "test" else "eval-val"
+                if (args.work / name / folder / model / "metrics.json").is_file():
+                    rows.append(
+                        collect_row(
+                            name, model, args.work / name, args.resamples, args.seed, args.score_split
+                        )
+                    )
         else:
             rows += run_dataset(name, args)
     print(render(rows))
+    if rows:
+        print("\n".join(champions(rows, args.work, args.score_split)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from benchmarks.accuracy import (
     bench_params,
     bootstrap_auroc_ci,
     bootstrap_pixel_auroc_ci,
+    champions,
+    dataset_for_split,
     histogram_auroc,
 )
 
@@ -82,3 +85,39 @@ def test_pixel_auroc_from_histograms_equals_sklearn_on_the_binned_pixels() -> No
     assert auroc == pytest.approx(roc_auc_score(all_truth, all_scores))
     assert low < auroc < high and high - low < 0.2
     assert histogram_auroc(np.array([0, 0, 3.0]), np.array([2.0, 0, 0])) == 1.0
+
+
+def test_val_view_scores_the_validation_images_and_never_the_test_ones(tmp_path: Path) -> None:
+    dataset = tmp_path / "dataset"
+    files_in = [
+        "train/good/a.png",
+        "val/good/b.png",
+        "val/crack/c.png",
+        "test/good/d.png",
+        "test/crack/e.png",
+    ]
+    for rel in [*files_in, "ground_truth/val/crack/c.png", "ground_truth/test/crack/e.png"]:
+        (dataset / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dataset / rel).write_bytes(rel.encode())
+    assert dataset_for_split(tmp_path, "test") == (dataset, tmp_path / "eval")
+    view, eval_dir = dataset_for_split(tmp_path, "val")
+    assert eval_dir == tmp_path / "eval-val"
+    files = sorted(p.relative_to(view).as_posix() for p in view.rglob("*") if p.is_file())
+    assert "test/crack/c.png" in files and "test/good/b.png" in files
+    assert "ground_truth/test/crack/c.png" in files
+    assert not [f for f in files if f.endswith(("d.png", "e.png"))]  # the scored test split stays unseen
+    assert (view / "test/crack/c.png").read_bytes() == b"val/crack/c.png"
+
+
+def test_champion_line_applies_the_pipelines_selection_rule(tmp_path: Path) -> None:
+    metrics = {
+        "padim": {"image_AUROC": 0.95, "latency_ms": 30.0, "model_size_mb": 40.0, "onnx_max_abs_diff": 1e-6},
+        "dfm": {"image_AUROC": 0.948, "latency_ms": 9.0, "model_size_mb": 4.0, "onnx_max_abs_diff": 1e-6},
+        "stfpm": {"image_AUROC": 0.5, "latency_ms": 5.0, "model_size_mb": 6.0, "onnx_max_abs_diff": 1e-6},
+    }
+    for model, values in metrics.items():
+        (tmp_path / "cookies" / "eval" / model).mkdir(parents=True)
+        (tmp_path / "cookies" / "eval" / model / "metrics.json").write_text(json.dumps(values))
+    rows = [{"dataset": "cookies", "model": m} for m in metrics]
+    (line,) = champions(rows, tmp_path)
+    assert line.startswith("cookies: champion dfm")  # tied within tie_tolerance 0.005, faster wins
