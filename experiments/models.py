@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from experiments.backbones import BackboneError, BackboneSpec, feature_layers, resolve_backbone
 from experiments.config import ParamsError
+from experiments.runtime import seed_everything
 from serving.preprocess import DEFAULT_RESIZE, PreprocessError, check_policy
 
 if TYPE_CHECKING:  # keep `import experiments.models` cheap: torch/anomalib load only when building
@@ -278,4 +279,9 @@ def build_model(
     # is always pretrained.
     if name not in ("stfpm", "supersimplenet"):
         common["pre_trained"] = True
+    # Seed again right before construction: the model's own random draws (PaDiM's channel subset via
+    # Python's `random`, the initial weights of STFPM's student, FRE, SuperSimpleNet) must depend on
+    # params only. Imports and the first-run weight conversion above consume RNG draws on some runs
+    # and not others: a fresh machine's first run picked other PaDiM channels than every later run.
+    seed_everything(int(params.get("seed", 0)))
     return cls(**common, **kwargs)
