@@ -154,7 +154,7 @@ def test_tiny_padim_trains_evaluates_and_onnx_matches_torch(
     assert record["train_time_s"] > 0 and record["peak_rss_mb"] > 0
     assert json.loads((models_dir / "padim" / "train.json").read_text()) == record
 
-    summary = evaluate("padim", params, dataset, models_dir, eval_dir / "padim", work_dir=work)
+    summary = evaluate("padim", params, dataset, models_dir, eval_dir / "padim")
     out = eval_dir / "padim"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_AUROC", "image_F1Score", "latency_ms", "torch_latency_ms", "model_size_mb"):

@@ -128,7 +128,7 @@ def test_masks_pass_prepare_and_give_pixel_metrics(tmp_path: Path, monkeypatch: 
     assert record["threshold"]["image"]["method"] == "f1"
     assert record["threshold"]["pixel"]["method"] == "f1"  # validation has masks: pixel F1 too
     out = tmp_path / "eval" / "padim"
-    summary = evaluate("padim", params, dataset, models_dir, out, use_mlflow=False, work_dir=work)
+    summary = evaluate("padim", params, dataset, models_dir, out, use_mlflow=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["metrics"] == metrics
     assert metrics["test_synthetic"] == 0.0 and summary["test_set"] == "real"

@@ -169,7 +169,7 @@ def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert record["n_val_images"] == 5
 
     out = tmp_path / "eval" / "padim"
-    summary = evaluate("padim", params, dataset, models_dir, out, work_dir=work)
+    summary = evaluate("padim", params, dataset, models_dir, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_synthetic"] == 1.0 and summary["test_set"] == "synthetic"
     for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
