@@ -8,7 +8,7 @@ Usage::
     python benchmarks/pipeline.py --json          # machine-readable
 
 Why read outputs instead of re-running models: the stages already measure what matters (fit time
-and peak RSS in ``train.json``; engine.test time, latencies and metrics in ``metrics.json``), so
+and peak RSS in ``train.json``; scoring-pass time, latencies and metrics in ``metrics.json``), so
 the benchmark reports the numbers of the run that produced the deployed artefacts, not of a
 different run on a differently loaded machine.
 """
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print(render(rows))
     total_train = sum(r["train_time_s"] for r in rows if not math.isnan(r["train_time_s"]))
     total_test = sum(r["test_time_s"] for r in rows if not math.isnan(r["test_time_s"]))
-    print(f"\nsum of fit times {total_train:.1f} s, sum of engine.test times {total_test:.1f} s")
+    print(f"\nsum of fit times {total_train:.1f} s, sum of test (scoring pass) times {total_test:.1f} s")
     if wall is not None:
         print(f"dvc repro{' --force' if args.force else ''} wall time: {wall:.1f} s ({os.cpu_count()} CPUs)")
 

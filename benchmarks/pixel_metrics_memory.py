@@ -9,8 +9,10 @@ Synthesises an MVTec-layout data set (seeded: grey textured 256x256 images; ever
 carries 1-6 bright blobs and its mask), then runs the pipeline's own stages as subprocesses --
 ``prepare``, ``train``, ``evaluate --no-mlflow`` -- with ``data.val_defect_ratio: 0`` so that all
 defect images are scored, and prints evaluate's peak RSS (``eval_peak_rss_mb`` in metrics.json,
-``ru_maxrss`` of the evaluate process), its test time and the pixel metrics. The target is a peak
-below 3 GB; anomalib's old ``PRO`` on such a set asked for tens of GB.
+``ru_maxrss`` of the evaluate process) against the 3 GB target, its scoring-pass time
+(``test_time_s``: torch + ONNX Runtime per image) and the pixel metrics. anomalib's old ``PRO`` on
+such a set asked for tens of GB, and anomalib's ``engine.test`` (which evaluate no longer runs)
+grew by ~0.7 MB per test image.
 
 Nothing here asserts; it prints figures.
 """
@@ -31,6 +33,7 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 256
+TARGET_MB = 3000  # issue #6: evaluate's peak RSS for 1,000 masked test images at 256 px
 
 
 def _texture(rng: np.random.Generator) -> np.ndarray:
@@ -120,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{SIZE} px"
     )
     print(f"scored: {scored['n_anomalous']} anomalous + {scored['n_normal']} normal images")
-    print(f"evaluate peak RSS: {metrics['eval_peak_rss_mb']:.0f} MB   (target < 3,000 MB)")
-    print(f"evaluate wall time: {times['evaluate']:.0f} s (engine.test {metrics['test_time_s']:.0f} s)")
+    peak = metrics["eval_peak_rss_mb"]
+    verdict = "UNDER" if peak < TARGET_MB else "OVER"
+    print(f"evaluate peak RSS: {peak:,.0f} MB -> {verdict} the {TARGET_MB:,} MB target")
+    print(
+        f"evaluate wall time: {times['evaluate']:.0f} s "
+        f"(scoring pass, torch + ONNX Runtime per image: {metrics['test_time_s']:.0f} s)"
+    )
     print(f"train wall time: {times['train']:.0f} s, peak RSS {metrics['train_peak_rss_mb']:.0f} MB")
     print(f"pixel_AUROC {metrics['pixel_AUROC']:.4f}  pixel_AUPRO {metrics['pixel_AUPRO']:.4f}  "
           f"image_AUROC {metrics['image_AUROC']:.4f}")  # fmt: skip

@@ -213,7 +213,7 @@ def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _evaluator() -> Any:
-    """Image AUROC/F1 only.
+    """Image AUROC/F1 only (evaluate.py feeds them its own per-image pass: ``image_metrics``).
 
     Pixel metrics are not anomalib's here: its pixel ``AUROC`` keeps every test pixel and its ``PRO``
     (one fixed threshold, not the literature's AU-PRO) needs gigabytes under deterministic mode, so

@@ -196,7 +196,7 @@ def test_new_model_trains_exports_and_matches_torch(
     assert record["device"] == "cpu" and record["epochs"] >= 0
     assert json.loads((models_dir / name / "train.json").read_text())["device"] == "cpu"
 
-    summary = evaluate(name, params, dataset, models_dir, tmp_path / "eval" / name, work_dir=work)
+    summary = evaluate(name, params, dataset, models_dir, tmp_path / "eval" / name)
     metrics = summary["metrics"]
     assert metrics["onnx_max_abs_diff"] <= params["evaluate"]["onnx_tolerance"]
     assert 0.0 <= metrics["image_AUROC"] <= 1.0

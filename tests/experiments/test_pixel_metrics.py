@@ -21,7 +21,11 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from tests.experiments.test_pipeline_units import BASE_PARAMS
+from tests.experiments.test_pipeline_units import (
+    BASE_PARAMS,
+    assert_image_metrics_match_engine_test,
+    assert_image_metrics_match_scores,
+)
 
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 12, 6, 6
 SEED = 7
@@ -128,7 +132,7 @@ def test_masks_pass_prepare_and_give_pixel_metrics(tmp_path: Path, monkeypatch: 
     assert record["threshold"]["image"]["method"] == "f1"
     assert record["threshold"]["pixel"]["method"] == "f1"  # validation has masks: pixel F1 too
     out = tmp_path / "eval" / "padim"
-    summary = evaluate("padim", params, dataset, models_dir, out, use_mlflow=False, work_dir=work)
+    summary = evaluate("padim", params, dataset, models_dir, out, use_mlflow=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["metrics"] == metrics
     assert metrics["test_synthetic"] == 0.0 and summary["test_set"] == "real"
@@ -139,6 +143,9 @@ def test_masks_pass_prepare_and_give_pixel_metrics(tmp_path: Path, monkeypatch: 
     assert metrics["pixel_AUROC"] > 0.5, metrics
     assert "pixel_PRO" not in metrics  # anomalib's fixed-threshold PRO is gone
     print({k: metrics[k] for k in ("pixel_AUROC", "pixel_AUPRO", "image_AUROC", "image_F1Score")})
+    # image metrics from evaluate's own pass: those of scores.csv, and anomalib's engine.test ones
+    assert_image_metrics_match_scores(out, summary)
+    assert_image_metrics_match_engine_test("padim", params, dataset, models_dir, metrics, work)
 
 
 #: Peak resident memory the evaluate subprocess may reach; a watchdog kills it above this. The set

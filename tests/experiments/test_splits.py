@@ -169,7 +169,7 @@ def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert record["n_val_images"] == 5
 
     out = tmp_path / "eval" / "padim"
-    summary = evaluate("padim", params, dataset, models_dir, out, work_dir=work)
+    summary = evaluate("padim", params, dataset, models_dir, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_synthetic"] == 1.0 and summary["test_set"] == "synthetic"
     for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
@@ -181,6 +181,15 @@ def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert splits["threshold_set_by"]["n_anomalous"] == 0
     assert splits["scored"]["n_anomalous"] == 3 and splits["scored"]["n_normal"] == 3  # half synthetic
     assert splits["scored"]["files"] == test_files
+    from tests.experiments.test_pipeline_units import (
+        assert_image_metrics_match_engine_test,
+        assert_image_metrics_match_scores,
+    )
+
+    # image metrics from evaluate's own pass: those of scores.csv, and anomalib's engine.test ones
+    # (the same synthetic anomalies: drawn after the same seeding)
+    assert_image_metrics_match_scores(out, summary)
+    assert_image_metrics_match_engine_test("padim", params, dataset, models_dir, metrics, work)
     run = mlflow.get_run(summary["run_id"])
     assert run.data.tags["test_set"] == "synthetic" and run.data.params["test_set"] == "synthetic"
 
