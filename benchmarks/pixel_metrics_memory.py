@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"train wall time: {times['train']:.0f} s, peak RSS {metrics['train_peak_rss_mb']:.0f} MB")
     print(f"pixel_AUROC {metrics['pixel_AUROC']:.4f}  pixel_AUPRO {metrics['pixel_AUPRO']:.4f}  "
-          f"image_AUROC {metrics['image_AUROC']:.4f}")  # fmt: skip
+          f"image_AUROC {metrics['image_AUROC']:.4f}  image_F1Score {metrics['image_F1Score']:.4f}  "
+          f"({summary['n_test_images']} images scored)")  # fmt: skip
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
     return 0
