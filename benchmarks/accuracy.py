@@ -316,6 +316,11 @@ def _pro_key(metrics: dict[str, Any]) -> str | None:
     return (integrated or keys or [None])[0]
 
 
+def eval_folder(split: str) -> str:
+    """Folder (under a data set's work dir) of evaluate's outputs for ``--score-split``."""
+    return "eval" if split == "test" else "eval-val"
+
+
 def dataset_for_split(work: Path, split: str) -> tuple[Path, Path]:
     """(data set evaluate scores, its eval folder) for ``--score-split``.
 
@@ -324,7 +329,7 @@ def dataset_for_split(work: Path, split: str) -> tuple[Path, Path]:
     """
     dataset = work / "dataset"
     if split == "test":
-        return dataset, work / "eval"
+        return dataset, work / eval_folder(split)
     view = work / "dataset-val"
     shutil.rmtree(view, ignore_errors=True)
     for src, dest in (("train", "train"), ("val", "val"), ("val", "test")):
@@ -334,14 +339,14 @@ def dataset_for_split(work: Path, split: str) -> tuple[Path, Path]:
             shutil.copytree(
                 dataset / "ground_truth" / src, view / "ground_truth" / dest, copy_function=os.link
             )
-    return view, work / "eval-val"
+    return view, work / eval_folder(split)
 
 
 def collect_row(
     name: str, model: str, work: Path, resamples: int, seed: int, split: str = "test"
 ) -> dict[str, Any]:
     """One table row from the stage outputs under ``work`` (metrics.json, scores.csv, bench.json)."""
-    eval_dir = work / ("eval" if split == "test" else "eval-val") / model
+    eval_dir = work / eval_folder(split) / model
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     bench = json.loads((eval_dir / "bench.json").read_text()) if (eval_dir / "bench.json").is_file() else {}
     row: dict[str, Any] = {
@@ -388,7 +393,7 @@ def champions(rows: Sequence[dict[str, Any]], work: Path, split: str = "test") -
     )
     lines = []
     for name in dict.fromkeys(r["dataset"].removesuffix("(val)") for r in rows):
-        folder = work / name / ("eval" if split == "test" else "eval-val")
+        folder = work / name / eval_folder(split)
         candidates = [
             Candidate(
                 r["model"], json.loads((folder / r["model"] / "metrics.json").read_text(encoding="utf-8"))
@@ -465,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         if args.report_only:
             for model in args.models:
-                folder = "eval" if args.score_split == "test" else "eval-val"
+                folder = eval_folder(args.score_split)
                 if (args.work / name / folder / model / "metrics.json").is_file():
                     rows.append(
                         collect_row(
