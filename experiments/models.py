@@ -257,11 +257,13 @@ def build_model(
     except BackboneError as exc:
         raise ParamsError(str(exc)) from exc
 
-    from anomalib.models import Dfm, Fre, Padim, Patchcore, Stfpm, Supersimplenet
+    from anomalib.models import Dfm, Fre, Padim, Stfpm, Supersimplenet
+
+    from experiments.coreset import FastCoresetPatchcore
 
     classes: dict[str, Callable[..., AnomalibModule]] = {
         "padim": Padim,
-        "patchcore": Patchcore,
+        "patchcore": FastCoresetPatchcore,  # anomalib's PatchCore, coreset selection ~3.5x faster
         "stfpm": Stfpm,
         "dfm": Dfm,
         "fre": Fre,

@@ -225,3 +225,43 @@ def test_model_init_depends_on_params_only_not_on_rng_draws_before_it() -> None:
     random.random(), random.sample(range(1000), 7), torch.rand(3)  # what an import or a conversion may draw
     second = build_model("padim", params).model.idx.clone()
     assert torch.equal(first, second)
+
+
+def test_fast_coreset_selects_exactly_anomalibs_coreset() -> None:
+    """experiments.coreset replaces only the distance update of anomalib's k-center greedy (one
+    matrix-vector product instead of an N x d temporary per step). On the same seeded projection and
+    start it must pick the same patches, in the same order, as anomalib's KCenterGreedy."""
+    import numpy as np
+    import torch
+    from anomalib.models.components import KCenterGreedy
+
+    from experiments.coreset import FastKCenterGreedy
+
+    embedding = torch.randn(4000, 96, generator=torch.Generator().manual_seed(3))
+    picks = []
+    for cls in (KCenterGreedy, FastKCenterGreedy):
+        np.random.seed(0), torch.manual_seed(0)  # the projection draws from numpy, the start from torch
+        picks.append(cls(embedding, sampling_ratio=0.05).select_coreset_idxs())
+    assert len(picks[0]) == 200 and len(set(picks[0])) == 200
+    assert picks[1] == picks[0]
+
+
+def test_patchcore_memory_bank_is_the_fast_coreset_of_the_training_patches() -> None:
+    """build_model's PatchCore keeps anomalib's module (scoring, export, checkpoints) and only swaps the
+    coreset sampler: fit() must leave ratio x patches in the bank, each one a training patch."""
+    import torch
+    from anomalib.models import Patchcore
+
+    from experiments.coreset import FastCoresetPatchcore
+    from experiments.models import build_model
+
+    models = {"patchcore": {"layers": ["blocks.2"], "coreset_sampling_ratio": 0.1, "num_neighbors": 3}}
+    model = build_model("patchcore", _params(models=models))
+    assert isinstance(model, FastCoresetPatchcore) and isinstance(model, Patchcore)
+    patches = [torch.randn(500, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model.model.embedding_store.extend(patches)
+    model.fit()
+    bank, every = model.model.memory_bank, torch.vstack(patches)
+    assert bank.shape == (200, 8) and not model.model.embedding_store
+    assert (bank[:, None] - every[None]).abs().sum(-1).min(1).values.max() == 0  # each row a training patch
+    assert len(torch.unique(bank, dim=0)) == 200
