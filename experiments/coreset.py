@@ -56,4 +56,6 @@ class FastCoresetPatchcore(Patchcore):
             raise ValueError(msg)
         bank = torch.vstack(model.embedding_store)
         model.embedding_store.clear()
-        model.memory_bank = FastKCenterGreedy(embedding=bank, sampling_ratio=self.coreset_sampling_ratio).sample_coreset()
+        model.memory_bank = FastKCenterGreedy(
+            embedding=bank, sampling_ratio=self.coreset_sampling_ratio
+        ).sample_coreset()

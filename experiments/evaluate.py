@@ -55,7 +55,7 @@ from experiments.config import ParamsError, load_params
 from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, ort_session, run_ort
 from experiments.metrics import StreamingPixelMetrics
-from experiments.models import build_model, model_params, resize_policy
+from experiments.models import build_model, input_normalization, model_params, resize_policy
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 from experiments.train import CHECKPOINT_NAME
@@ -429,6 +429,7 @@ def evaluate(
         ),
         "image_size": size,
         "resize": policy,
+        "input_normalization": input_normalization(model),  # inside the ONNX graph; promote records it
         "threshold": float(post.normalized_image_threshold),
         "raw_threshold": float(post.image_threshold),
         "input_name": scored["session"].get_inputs()[0].name,

@@ -4,7 +4,8 @@ One factory, :func:`build_model`, so that ``train`` and ``evaluate`` construct *
 module (same layers, same pre-/post-processing, same metrics) and a checkpoint written by one loads
 into the other. Every model uses the ImageNet backbone of ``params.yaml: backbone`` (default
 ``tf_efficientnet_lite0``, offline; see :mod:`experiments.backbones`), and a pre-processor that
-resizes to ``data.image_size`` (+ ImageNet normalisation), which anomalib bakes into the ONNX
+resizes to ``data.image_size`` and normalises with the statistics the backbone's weights were
+trained with (``backbone.normalize``), which anomalib bakes into the ONNX
 export. Images reach it already at that size (``serving.preprocess.fit_image`` in ``prepare``,
 serving, evaluate and promote), so that resize is an identity and the resize policy is ours.
 
@@ -230,6 +231,32 @@ def _evaluator() -> Any:
     )
 
 
+def _pre_processor(size: int, spec: BackboneSpec) -> Any:
+    """anomalib's default pre-processor (resize + normalise, baked into the ONNX export), normalised
+    with the statistics the backbone's weights expect (:meth:`BackboneSpec.input_normalization`)."""
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    mean, std = spec.input_normalization()
+    return PreProcessor(
+        transform=Compose([Resize((size, size), antialias=True), Normalize(mean=mean, std=std)])
+    )
+
+
+def input_normalization(model: AnomalibModule) -> dict[str, list[float]]:
+    """The per-channel mean/std the model's own pre-processor (the one baked into its ONNX) applies.
+
+    Read from the module, not from params, so train.json, summary.json and serving's metadata.json
+    record what the exported graph does, whatever params say now.
+    """
+    from torchvision.transforms.v2 import Normalize
+
+    for transform in getattr(model.pre_processor.transform, "transforms", [model.pre_processor.transform]):
+        if isinstance(transform, Normalize):
+            return {"mean": [float(m) for m in transform.mean], "std": [float(s) for s in transform.std]}
+    raise ValueError(f"{type(model).__name__}: pre-processor has no Normalize step")
+
+
 def build_model(
     name: str,
     params: Mapping[str, Any],
@@ -272,7 +299,7 @@ def build_model(
     cls = classes[name]
     common: dict[str, Any] = {
         "backbone": spec.name,
-        "pre_processor": cls.configure_pre_processor(image_size=(size, size)),
+        "pre_processor": _pre_processor(size, spec),
         "evaluator": _evaluator(),
         "post_processor": make_post_processor(policy),
         "visualizer": visualizer,

@@ -27,7 +27,7 @@ from typing import Any
 from experiments.backbones import BackboneError
 from experiments.config import ParamsError, load_params
 from experiments.datamodule import DatasetLayoutError, build_datamodule, split_record
-from experiments.models import backbone_spec, build_model, model_params
+from experiments.models import backbone_spec, build_model, input_normalization, model_params
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +132,7 @@ def train(
         "splits": split_record(datamodule, dataset),
         **device_used(engine),
         "backbone": backbone_spec(params).describe(),
+        "input_normalization": input_normalization(model),  # backbone.normalize, as the model applies it
         "checkpoint": str(ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt),
     }
     (out_dir / "train.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -50,8 +50,8 @@ MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 SCORE_OUTPUT = "pred_score"
 MAP_OUTPUT = "anomaly_map"
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# summaries written before backbone.normalize existed: anomalib's default ImageNet statistics
+IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_ATOL = 1e-4
 DEFAULT_N_IMAGES = 4
@@ -85,6 +85,27 @@ def _geometry(summary: EvalSummary) -> str:
         return check_policy(summary.get("resize", "stretch"), f"{summary.path}: resize")
     except PreprocessError as exc:
         raise PromoteError(str(exc)) from exc
+
+
+def _normalisation(summary: EvalSummary) -> dict[str, Any]:
+    """The input mean/std inside the champion's ONNX graph (``summary.json: input_normalization``)."""
+    raw = summary.get("input_normalization", IMAGENET_NORMALISATION)
+    ok = isinstance(raw, dict) and all(
+        isinstance(raw.get(k), list)
+        and len(raw[k]) == 3
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in raw[k])
+        for k in ("mean", "std")
+    )
+    if not ok:
+        raise PromoteError(
+            f"{summary.path}: input_normalization must be {{mean: [3 numbers], std: [3 numbers]}}, "
+            f"got {raw!r}"
+        )
+    return {
+        "mean": [float(v) for v in raw["mean"]],
+        "std": [float(v) for v in raw["std"]],
+        "applied": "inside_model",
+    }
 
 
 def _finite_number(summary: EvalSummary, key: str) -> float:
@@ -284,7 +305,7 @@ def build_metadata(
         "registry_version": str(version.version),
         "run_id": summary.run_id,
         "input": input_block(input_name, size[0], size[1], _geometry(summary)),
-        "normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "applied": "inside_model"},
+        "normalisation": _normalisation(summary),
         "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
         "threshold": _finite_number(summary, "threshold"),
         "raw_threshold": _finite_number(summary, "raw_threshold"),

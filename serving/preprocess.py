@@ -1,6 +1,6 @@
 """The one image pre-processing rule shared by training, evaluation, promotion and serving.
 
-Why one module: anomalib's ONNX graph starts with its own resize + ImageNet normalisation, but it
+Why one module: anomalib's ONNX graph starts with its own resize + the backbone's input normalisation, but it
 only ever sees what we feed it. If ``prepare`` (which writes the training images), ``evaluate``
 (ONNX-vs-torch check, heat maps), ``promote`` (parity check) and the Lambda each decoded and
 resized images their own way, a model would be measured on pixels it never gets in production.

@@ -1,6 +1,6 @@
 """Score one image with the exported anomalib ONNX model and draw its heat-map overlay.
 
-The ONNX graph already contains anomalib's pre-processing (resize + ImageNet normalisation)
+The ONNX graph already contains anomalib's pre-processing (resize + the backbone's input normalisation)
 and post-processing (min-max normalisation so that ``threshold`` is 0.5 and the anomaly map
 is in [0, 1]); see ``docs/contracts.md`` section 5. Serving feeds it ``float32[1, 3, H, W]``
 RGB in [0, 1] made by :func:`serving.preprocess.model_input` - the same function that wrote the

@@ -73,6 +73,10 @@ def hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"name": "resnet18", "weights": "r18.onnx"}, r"'hub' or a path ending in \.safetensors"),
         ({"name": "resnet18", "weigths": "x.pth"}, r"unknown key\(s\) \['weigths'\]"),
         ({"name": ""}, "must be a timm model name"),
+        (
+            {"name": "tf_efficientnet_lite0", "normalize": "zscore"},
+            r"backbone\.normalize must be one of backbone, imagenet",
+        ),
     ],
 )
 def test_backbone_params_fail_with_the_fix(backbone: dict, message: str) -> None:
@@ -117,6 +121,30 @@ def test_accelerator_and_resize_policy_are_validated() -> None:
     assert resize_policy(_params()) == "letterbox"  # the stated default
     with pytest.raises(ParamsError, match=r"data\.resize must be one of letterbox, stretch, center_crop"):
         resize_policy(_params(data={"image_size": 64, "resize": "fit"}))
+
+
+def test_pre_processor_normalises_with_the_backbones_own_statistics() -> None:
+    """The TF-ported EfficientNet-Lite weights expect mean = std = 0.5; anomalib's default pre-processor
+    normalises every backbone with ImageNet's statistics. backbone.normalize picks which: the weights'
+    own by default (from timm's config), ImageNet's on request; a ResNet's own are ImageNet's."""
+    import torch
+    from torchvision.transforms.v2 import Normalize
+
+    from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
+    from experiments.models import build_model
+
+    def normalize(model: object) -> Normalize:
+        return next(t for t in model.pre_processor.transform.transforms if isinstance(t, Normalize))
+
+    own = normalize(build_model("padim", _params()))
+    assert tuple(own.mean) == (0.5, 0.5, 0.5) and tuple(own.std) == (0.5, 0.5, 0.5)
+    imagenet = _params(backbone={"name": "tf_efficientnet_lite0", "normalize": "imagenet"})
+    model = build_model("padim", imagenet)
+    assert tuple(normalize(model).mean) == IMAGENET_MEAN and tuple(normalize(model).std) == IMAGENET_STD
+    assert BackboneSpec("resnet18", "hub").input_normalization() == (IMAGENET_MEAN, IMAGENET_STD)
+    # the statistics reach the model's input: a mid-grey image is all zeros under 0.5 / 0.5
+    grey = torch.full((1, 3, 64, 64), 0.5)
+    assert build_model("padim", _params()).pre_processor(grey).abs().max() == 0
 
 
 def test_new_models_validate_their_params() -> None:

@@ -172,6 +172,7 @@ class Workspace:
             "metrics": metrics,
             "onnx_path": str(folder / "onnx" / "model.onnx"),
             "image_size": SIZE,
+            "input_normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
             "threshold": 0.5,
             "raw_threshold": 12.5,
             "git_commit": "a" * 40,
@@ -295,6 +296,22 @@ def test_missing_summary_is_a_clear_error(ws: Workspace) -> None:
         ws.select()
 
 
+def test_promote_records_the_champions_input_normalisation(ws3: Workspace) -> None:
+    """metadata.json says which mean/std the ONNX graph applies: summary.json's, ImageNet's for a summary
+    written before backbone.normalize existed, and a malformed value is one error naming the file."""
+    record = ws3.select()
+    summary_path = ws3.eval_dir / record["model"] / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["input_normalization"]
+    summary_path.write_text(json.dumps(summary))
+    meta = ws3.promote()
+    assert meta["normalisation"]["mean"] == [0.485, 0.456, 0.406] and meta["normalisation"]["std"][0] == 0.229
+    summary["input_normalization"] = {"mean": [0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(PromoteError, match=r"summary\.json: input_normalization must be"):
+        ws3.promote()
+
+
 def test_promote_writes_valid_serving_model(ws3: Workspace) -> None:
     from serving.model_meta import load_metadata
     from serving.scoring import Scorer
@@ -309,7 +326,8 @@ def test_promote_writes_valid_serving_model(ws3: Workspace) -> None:
     assert (loaded.input.name, loaded.input.height, loaded.input.width) == ("input", SIZE, SIZE)
     assert meta["threshold"] == 0.5 and meta["raw_threshold"] == 12.5
     assert meta["metrics"]["image_AUROC"] == 0.95
-    assert meta["normalisation"]["applied"] == "inside_model"
+    # what the champion's graph applies (summary.json), not a constant
+    assert meta["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "applied": "inside_model"}
     assert meta["exported_at"].endswith("Z")
     contract_keys = {
         "schema_version", "model_file", "model_sha256", "model_name", "registered_model",
