@@ -217,7 +217,7 @@ def compare_and_score(
     ort_scores: list[float] = []
     torch_scores: list[Any] = []
     torch_labels: list[Any] = []
-    score_diff = map_diff = 0.0
+    score_diff = map_diff = raw_peak = 0.0
     first_input: np.ndarray | None = None
     model.eval()
     with torch.inference_mode():
@@ -225,6 +225,7 @@ def compare_and_score(
             x, grey = load_serving_input(path, size, policy)
             first_input = x if first_input is None else first_input
             raw = model.model(model.pre_processor(torch.from_numpy(x)))  # = model(x) before post-processing
+            raw_peak = max(raw_peak, float(raw.pred_score.detach().abs().max()))
             torch_out = model.post_processor(raw)
             if pixel_metrics is not None:
                 pixel_metrics.update(
@@ -254,9 +255,28 @@ def compare_and_score(
         "torch_labels": torch.cat(torch_labels),
         "onnx_max_abs_diff": score_diff,
         "onnx_map_max_abs_diff": map_diff,
+        "score_resolution": score_resolution(model.post_processor, raw_peak),
         "session": session,
         "example_input": first_input,
     }
+
+
+def score_resolution(post: Any, raw_peak: float) -> float:
+    """float32's resolution at the largest raw score, in units of the normalised ``pred_score``.
+
+    ``pred_score`` is the raw score min-max normalised over the validation range. When a model scores
+    every validation image almost alike (an under-trained SuperSimpleNet saturating its sigmoid at
+    0.99999...), that range is a few float32 steps wide, and torch and ONNX Runtime, both correct to
+    the last bit of rounding, differ by a large share of it: 0.015 on the normalised scale with
+    anomaly maps equal to 1e-6. Such a gap says the model cannot rank, not that the export is wrong.
+    """
+    span = float(post.image_max) - float(post.image_min)
+    if not np.isfinite(span) or span <= 0:
+        return 0.0
+    return float(np.finfo(np.float32).eps) * raw_peak / span
+
+
+ULPS_ALLOWED = 8  # rounding steps torch and ONNX Runtime may differ by in the raw score
 
 
 def measure_latency(model: Any, session: Any, x: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -413,7 +433,9 @@ def evaluate(
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    if metrics["onnx_max_abs_diff"] > settings["onnx_tolerance"]:
+    # the tolerance, widened only where float32 itself cannot resolve the normalised score
+    allowed = settings["onnx_tolerance"] + ULPS_ALLOWED * scored["score_resolution"]
+    if metrics["onnx_max_abs_diff"] > allowed:
         raise OnnxMismatchError(
             f"{model_name}: ONNX Runtime pred_score differs from torch by {metrics['onnx_max_abs_diff']:.3g} "
             f"(> evaluate.onnx_tolerance = {settings['onnx_tolerance']}); not logging this model"
@@ -430,6 +452,7 @@ def evaluate(
         "image_size": size,
         "resize": policy,
         "input_normalization": input_normalization(model),  # inside the ONNX graph; promote records it
+        "onnx_score_resolution": scored["score_resolution"],  # see score_resolution()
         "threshold": float(post.normalized_image_threshold),
         "raw_threshold": float(post.image_threshold),
         "input_name": scored["session"].get_inputs()[0].name,

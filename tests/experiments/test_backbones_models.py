@@ -226,13 +226,36 @@ def test_new_model_trains_exports_and_matches_torch(
 
     summary = evaluate(name, params, dataset, models_dir, tmp_path / "eval" / name)
     metrics = summary["metrics"]
-    assert metrics["onnx_max_abs_diff"] <= params["evaluate"]["onnx_tolerance"]
+    from experiments.evaluate import ULPS_ALLOWED
+
+    tolerance = params["evaluate"]["onnx_tolerance"]
+    assert metrics["onnx_map_max_abs_diff"] <= tolerance  # the graph itself matches torch
+    # the score too, up to float32's resolution of it (this tiny SuperSimpleNet barely separates images)
+    assert metrics["onnx_max_abs_diff"] <= tolerance + ULPS_ALLOWED * summary["onnx_score_resolution"]
     assert 0.0 <= metrics["image_AUROC"] <= 1.0
     assert summary["resize"] == "letterbox" and summary["device"] == "cpu"
 
     import mlflow
 
     assert mlflow.get_run(summary["run_id"]).data.tags["device"] == "cpu"
+
+
+def test_score_resolution_widens_the_onnx_check_only_for_a_degenerate_score_range() -> None:
+    """pred_score is min-max normalised over validation; a range a few float32 steps wide (a saturated
+    sigmoid: raw scores 0.999994..1.0) makes rounding noise look like a 0.015 export mismatch. The
+    allowance is float32's step at the raw score over that range: ~0.02 there, ~1e-8 for a sane range."""
+    import torch
+
+    from experiments.evaluate import score_resolution
+
+    class Post:
+        def __init__(self, low: float, high: float) -> None:
+            self.image_min, self.image_max = torch.tensor(low), torch.tensor(high)
+
+    degenerate = score_resolution(Post(0.999994, 1.0), raw_peak=1.0)
+    assert 0.015 < degenerate < 0.03
+    assert score_resolution(Post(2.0, 40.0), raw_peak=40.0) < 1e-6
+    assert score_resolution(Post(float("nan"), float("nan")), raw_peak=1.0) == 0.0
 
 
 def test_model_init_depends_on_params_only_not_on_rng_draws_before_it() -> None:
