@@ -438,7 +438,8 @@ def evaluate(
     if metrics["onnx_max_abs_diff"] > allowed:
         raise OnnxMismatchError(
             f"{model_name}: ONNX Runtime pred_score differs from torch by {metrics['onnx_max_abs_diff']:.3g} "
-            f"(> evaluate.onnx_tolerance = {settings['onnx_tolerance']}); not logging this model"
+            f"(> {allowed:.3g}: evaluate.onnx_tolerance = {settings['onnx_tolerance']} plus {ULPS_ALLOWED} "
+            "float32 steps of the raw score); not logging this model"
         )
 
     summary: dict[str, Any] = {

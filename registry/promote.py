@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
 from experiments.runtime import stage_main
 from registry.rule import SelectionError
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
@@ -51,7 +52,7 @@ METADATA_FILE = "metadata.json"
 SCORE_OUTPUT = "pred_score"
 MAP_OUTPUT = "anomaly_map"
 # summaries written before backbone.normalize existed: anomalib's default ImageNet statistics
-IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET_NORMALISATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_ATOL = 1e-4
 DEFAULT_N_IMAGES = 4
