@@ -359,8 +359,9 @@ def collect_row(
         "AU_PRO_key": _pro_key(metrics),
         "train_time_s": metrics.get("train_time_s"),
         "test_time_s": metrics.get("test_time_s"),
-        "train_peak_mb": bench.get("train_peak_mb", metrics.get("train_peak_rss_mb")),
-        "eval_peak_mb": bench.get("eval_peak_mb", metrics.get("eval_peak_rss_mb")),
+        # The stage's own VmHWM first: wait4's ru_maxrss also carries whatever peak the parent had.
+        "train_peak_mb": metrics.get("train_peak_rss_mb", bench.get("train_peak_mb")),
+        "eval_peak_mb": metrics.get("eval_peak_rss_mb", bench.get("eval_peak_mb")),
     }
     scores_csv = eval_dir / "scores.csv"
     if scores_csv.is_file():

@@ -9,7 +9,7 @@ Synthesises an MVTec-layout data set (seeded: grey textured 256x256 images; ever
 carries 1-6 bright blobs and its mask), then runs the pipeline's own stages as subprocesses --
 ``prepare``, ``train``, ``evaluate --no-mlflow`` -- with ``data.val_defect_ratio: 0`` so that all
 defect images are scored, and prints evaluate's peak RSS (``eval_peak_rss_mb`` in metrics.json,
-``ru_maxrss`` of the evaluate process) against the 3 GB target, its scoring-pass time
+``VmHWM`` of the evaluate process) against the 3 GB target, its scoring-pass time
 (``test_time_s``: torch + ONNX Runtime per image) and the pixel metrics. anomalib's old ``PRO`` on
 such a set asked for tens of GB, and anomalib's ``engine.test`` (which evaluate no longer runs)
 grew by ~0.7 MB per test image.

@@ -32,7 +32,20 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (``ru_maxrss`` is KiB on Linux, B on macOS)."""
+    """Peak resident memory of this process's own image so far, in MiB.
+
+    Linux reads ``VmHWM`` from ``/proc/self/status``, not ``ru_maxrss``: Linux carries ``ru_maxrss``
+    across ``execve``, so a stage started by a large parent (a test runner at 2 GB, say) would report
+    the parent's peak as its own. ``VmHWM`` belongs to the address space the stage got at exec.
+    Elsewhere ``ru_maxrss`` is the best there is (KiB on Linux, bytes on macOS).
+    """
+    with (
+        contextlib.suppress(OSError, ValueError, IndexError),
+        open("/proc/self/status", encoding="ascii") as fh,
+    ):
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

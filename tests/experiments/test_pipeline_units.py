@@ -233,3 +233,21 @@ def test_tiny_padim_trains_evaluates_and_onnx_matches_torch(
 
     # The image metrics come from evaluate's own per-image pass: they are the ones of scores.csv.
     assert_image_metrics_match_scores(out, summary)
+
+
+def test_peak_rss_is_the_stages_own_not_its_parents() -> None:
+    """A stage started by a large process (the test runner, a benchmark) must not report that peak.
+
+    Linux carries ``ru_maxrss`` across ``execve``; CI's full suite grew pytest past 2 GB and a
+    1.2 GB evaluate then reported 2.1 GB. The parent here touches 600 MB before starting the child.
+    """
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 1024 * 1024)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page so it is resident
+    code = "from experiments.runtime import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del ballast
+    child_peak = float(out.stdout)
+    assert 0 < child_peak < 400, f"child reported {child_peak:.0f} MB: the parent's 600 MB leaked in"
