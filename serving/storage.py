@@ -514,16 +514,22 @@ class ResultStore:
         self, record: ResultRecord, attempt_id: str, written: list[str], cause: StorageError
     ) -> SaveOutcome:
         """Decide an unknown put outcome with a conditional tombstone before deleting anything."""
+        # A tombstone expires like the item it stands in for (DynamoDB TTL), so a request that was
+        # never retried does not leave it in the table for good.
+        expires = expiry_attributes()
+        expiry = {f":{k}": {"N": str(v)} for k, v in expires.items()}
+        set_expiry = "".join(f", {k} = :{k}" for k in expires)
         try:
             self.dynamodb.update_item(
                 TableName=self.table_name,
                 Key={"camera_id": {"S": record.camera_id}, "request_id": {"S": record.request_id}},
-                UpdateExpression="SET #s = :aborted ADD aborted_attempts :attempts",
+                UpdateExpression=f"SET #s = :aborted{set_expiry} ADD aborted_attempts :attempts",
                 ConditionExpression="attribute_not_exists(request_id) OR #s = :aborted",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues={
                     ":aborted": {"S": STATUS_ABORTED},
                     ":attempts": {"SS": [attempt_id]},
+                    **expiry,
                 },
             )
         except (ClientError, BotoCoreError) as exc:

@@ -214,3 +214,28 @@ def _sha(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_a_tombstone_left_behind_expires_like_an_item(
+    proxy: FaultProxy, scorer: Scorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose put outcome was unknown and which is never retried leaves only a tombstone.
+
+    With a retention period it carries ``expires_at`` like a complete item, so DynamoDB TTL removes
+    it too; without one it would stay in the table for good.
+    """
+    import time
+
+    monkeypatch.setenv("RESULTS_TTL_DAYS", "30")
+    proxy.add("dynamodb:PutItem", "close_before", 2)  # both of boto's attempts: outcome unknown
+    service = _service(scorer, proxy.url)
+    before = time.time()
+    response = service.handle(_event(elpv_image_bytes(3), key="never-retried"), None)
+    proxy.wait_idle(timeout=5)
+
+    assert proxy.fired() and response["statusCode"] == 503
+    assert _complete_items() == {} and _objects() == {}  # nothing stored but the tombstone
+    items = boto3.client("dynamodb").scan(TableName=TABLE, ConsistentRead=True)["Items"]
+    assert [i["status"]["S"] for i in items] == ["aborted"]
+    expires_at = int(items[0]["expires_at"]["N"])
+    assert before + 30 * 86400 - 5 <= expires_at <= time.time() + 30 * 86400 + 5
