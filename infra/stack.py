@@ -332,37 +332,31 @@ class InspectionStack(cdk.Stack):
         server_errors = self.api.metric_server_error(period=period, statistic="Average", label="5xx rate")
         latency_p95 = self.api.metric_latency(period=period, statistic="p95", label="p95 latency (ms)")
         throttles = self.function.metric_throttles(period=period, statistic="Sum", label="Lambda throttles")
+        above, at_least = (
+            cw.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            cw.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+        )
+        # (id, metric, threshold, 5-minute periods, comparison, what it means to the person paged)
+        specs = [
+            ("Api5xxRate", server_errors, c.alarm_5xx_rate, 1, above,
+             f"more than {c.alarm_5xx_rate:.1%} of requests answered 5xx in 5 minutes"),
+            ("ApiLatencyP95", latency_p95, c.alarm_p95_latency_ms, 2, above,
+             f"p95 latency above {c.alarm_p95_latency_ms:g} ms for 10 minutes"),
+            ("FunctionThrottles", throttles, c.alarm_throttles, 1, at_least,
+             "the function hit its reserved concurrency (raise reserved_concurrency)"),
+        ]  # fmt: skip
         alarms = [
             cw.Alarm(
                 self,
-                "Api5xxRate",
-                metric=server_errors,
-                threshold=c.alarm_5xx_rate,
-                evaluation_periods=1,
-                comparison_operator=cw.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                alarm_id,
+                metric=metric,
+                threshold=threshold,
+                evaluation_periods=periods,
+                comparison_operator=comparison,
                 treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
-                alarm_description=f"more than {c.alarm_5xx_rate:.1%} of requests answered 5xx in 5 minutes",
-            ),
-            cw.Alarm(
-                self,
-                "ApiLatencyP95",
-                metric=latency_p95,
-                threshold=c.alarm_p95_latency_ms,
-                evaluation_periods=2,
-                comparison_operator=cw.ComparisonOperator.GREATER_THAN_THRESHOLD,
-                treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
-                alarm_description=f"p95 latency above {c.alarm_p95_latency_ms:g} ms for 10 minutes",
-            ),
-            cw.Alarm(
-                self,
-                "FunctionThrottles",
-                metric=throttles,
-                threshold=c.alarm_throttles,
-                evaluation_periods=1,
-                comparison_operator=cw.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
-                alarm_description="the function hit its reserved concurrency (raise reserved_concurrency)",
-            ),
+                alarm_description=description,
+            )
+            for alarm_id, metric, threshold, periods, comparison, description in specs
         ]
         if c.alarm_email:
             topic = sns.Topic(self, "AlarmTopic", display_name=f"{c.stack_name} alarms")
