@@ -27,6 +27,7 @@ promoted model both sides come from the tiny PaDiM fixture (64x64). Nothing asse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -38,8 +39,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,22 +389,16 @@ server.stop()
 """
 
 
-def http_throughput(
-    model_dir: Path,
-    images: list[str],
-    clients: list[int],
-    duration: float,
-    max_requests: int,
-    request_timeout: float,
-):
-    """Start moto and the local server (both on 127.0.0.1) and measure each concurrency level."""
+@contextlib.contextmanager
+def local_stack(model_dir: Path, table: str, bucket: str) -> Iterator[Any]:
+    """moto and the local server, both on 127.0.0.1, with ``table``/``bucket`` created; yields the server.
+
+    The one setup both serving benchmarks use. The server's and moto's logs go to
+    ``$BENCH_SERVER_LOG`` (default: discarded). This process's AWS settings point at moto while it runs.
+    """
     from serving.local_server import spawn
     from serving.storage import create_resources
 
-    bodies = []
-    for p in images[:20]:
-        with open(p, "rb") as fh:
-            bodies.append(fh.read())
     log_path = os.environ.get("BENCH_SERVER_LOG", os.devnull)
     with open(log_path, "w") as log:
         moto = subprocess.Popen(
@@ -413,24 +410,18 @@ def http_throughput(
             endpoint = moto.stdout.readline().strip()
             if not endpoint.startswith("http://127.0.0.1:"):
                 raise RuntimeError(f"moto did not start (exit code {moto.poll()}); see {log_path}")
-            aws = {
-                "AWS_ENDPOINT_URL": endpoint,
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench",
-            }
-            aws |= {"AWS_DEFAULT_REGION": "us-east-1", "RESULTS_TABLE": "bench", "RESULTS_BUCKET": "bench"}
-            os.environ.update(aws)
+            os.environ.update(
+                AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                AWS_DEFAULT_REGION="us-east-1", RESULTS_TABLE=table, RESULTS_BUCKET=bucket,
+            )  # fmt: skip
             for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_DYNAMODB"):
                 os.environ.pop(key, None)
-            create_resources("bench", "bench")
+            create_resources(table, bucket)
             env = {**os.environ, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO)}
             # spawn() keeps reading the server's stdout (one handler log line per request): an
             # unread pipe fills after ~100 requests and then blocks every request thread.
             with spawn(env=env, cwd=REPO, log=log) as server:
-                url = server.url + "/cameras/bench/images"
-                return [
-                    (n, *load_level(url, bodies, n, duration, max_requests, request_timeout)) for n in clients
-                ]
+                yield server
         finally:
             moto.stdin.close()
             try:
@@ -438,6 +429,24 @@ def http_throughput(
             except subprocess.TimeoutExpired:
                 moto.kill()
                 moto.wait(timeout=30)
+
+
+def http_throughput(
+    model_dir: Path,
+    images: list[str],
+    clients: list[int],
+    duration: float,
+    max_requests: int,
+    request_timeout: float,
+):
+    """Start moto and the local server (both on 127.0.0.1) and measure each concurrency level."""
+    bodies = []
+    for p in images[:20]:
+        with open(p, "rb") as fh:
+            bodies.append(fh.read())
+    with local_stack(model_dir, "bench", "bench") as server:
+        url = server.url + "/cameras/bench/images"
+        return [(n, *load_level(url, bodies, n, duration, max_requests, request_timeout)) for n in clients]
 
 
 def main() -> int:

@@ -13,8 +13,6 @@ and no dangling or orphan. moto runs in its own process, the server in another; 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.serving import MOTO_CHILD, load_level, percentile  # noqa: E402
+from benchmarks.serving import load_level, local_stack, percentile  # noqa: E402
 from tests.model_fixture import build_tiny_model, elpv_samples  # noqa: E402
 
 TABLE = BUCKET = "bench-load"
@@ -63,9 +61,6 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=100_000)
     parser.add_argument("--request-timeout", type=float, default=30.0)
     args = parser.parse_args()
-    from serving.local_server import spawn
-    from serving.storage import create_resources
-
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if not (model_dir / "metadata.json").is_file():
@@ -73,46 +68,22 @@ def main() -> int:
             model_dir = build_tiny_model(Path(tmp) / "model", image_size=64)
         normal, defect = elpv_samples(16, 4)
         bodies = [p.read_bytes() for p in normal + defect]
-        log_path = os.environ.get("BENCH_SERVER_LOG", os.devnull)
-        with open(log_path, "w") as log:
-            moto = subprocess.Popen(
-                [sys.executable, "-c", MOTO_CHILD], cwd=REPO, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=log, text=True,
-            )  # fmt: skip
-            assert moto.stdout is not None and moto.stdin is not None
-            try:
-                endpoint = moto.stdout.readline().strip()
-                os.environ.update(
-                    AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                    AWS_DEFAULT_REGION="us-east-1", RESULTS_TABLE=TABLE, RESULTS_BUCKET=BUCKET,
+        with local_stack(model_dir, TABLE, BUCKET) as server:
+            header = ("clients", "req/s", "p50 ms", "p95 ms", "200s", "errors", "timeouts", "items",
+                      "overlays", "masks", "dangling", "orphans")  # fmt: skip
+            print(" ".join(f"{h:>8}" for h in header), flush=True)
+            for n in (int(c) for c in args.clients.split(",")):
+                camera = f"bench-{n}"
+                ok, errors, timeouts, seconds, ms = load_level(
+                    f"{server.url}/cameras/{camera}/images", bodies, n, args.duration,
+                    args.max_requests, args.request_timeout,
                 )  # fmt: skip
-                for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_DYNAMODB"):
-                    os.environ.pop(key, None)
-                create_resources(TABLE, BUCKET)
-                env = {**os.environ, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO)}
-                with spawn(env=env, cwd=REPO, log=log) as server:
-                    header = ("clients", "req/s", "p50 ms", "p95 ms", "200s", "errors", "timeouts", "items",
-                              "overlays", "masks", "dangling", "orphans")  # fmt: skip
-                    print(" ".join(f"{h:>8}" for h in header), flush=True)
-                    for n in (int(c) for c in args.clients.split(",")):
-                        camera = f"bench-{n}"
-                        ok, errors, timeouts, seconds, ms = load_level(
-                            f"{server.url}/cameras/{camera}/images", bodies, n, args.duration,
-                            args.max_requests, args.request_timeout,
-                        )  # fmt: skip
-                        check = storage_check(camera)
-                        p50 = percentile(ms, 50) if ms else float("nan")
-                        p95 = percentile(ms, 95) if ms else float("nan")
-                        row = (n, f"{ok / seconds:.1f}", f"{p50:.0f}", f"{p95:.0f}", ok, errors, timeouts,
-                               *check.values())  # fmt: skip
-                        print(" ".join(f"{v:>8}" for v in row), flush=True)
-            finally:
-                moto.stdin.close()
-                try:
-                    moto.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    moto.kill()
-                    moto.wait(timeout=30)
+                check = storage_check(camera)
+                p50 = percentile(ms, 50) if ms else float("nan")
+                p95 = percentile(ms, 95) if ms else float("nan")
+                row = (n, f"{ok / seconds:.1f}", f"{p50:.0f}", f"{p95:.0f}", ok, errors, timeouts,
+                       *check.values())  # fmt: skip
+                print(" ".join(f"{v:>8}" for v in row), flush=True)
     return 0
 
 
