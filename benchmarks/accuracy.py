@@ -3,6 +3,7 @@
 Usage::
 
     python -m benchmarks.accuracy                                  # ELPV (all of it) + cookies, all models
+    python -m benchmarks.accuracy --datasets elpv --no-settings    # params.yaml's defaults only
     python -m benchmarks.accuracy --datasets cookies --models padim dfm
     python -m benchmarks.accuracy --datasets elpv --set models.padim.layers='[blocks.2, blocks.4]'
     python -m benchmarks.accuracy --report-only --work build/bench-accuracy   # table from a previous run
@@ -15,7 +16,9 @@ sizes and models on those figures; report the test split's figures, which the ch
 What it runs: for each data set, the same stage scripts ``dvc repro`` runs (``experiments.prepare``,
 ``experiments.train <model>``, ``experiments.evaluate <model>``), as subprocesses, with a copy of
 ``params.yaml`` whose ``data.root`` points at the benchmark's data and whose ``data.max_*`` are large
-enough to take every image (``--set key=value`` overrides any other knob, to measure a proposal).
+enough to take every image. Then the data set's entry of ``benchmarks/accuracy_settings.yaml``
+(overrides chosen on that data set's validation split: layers, channels, coreset size), then
+``--set key=value`` (any knob, to measure a proposal). ``--no-settings`` runs params.yaml's defaults.
 MLflow logging stays on, into ``<work>/mlflow.db`` so the project's own store is not touched.
 
 Data sets:
@@ -53,6 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO_ROOT / "build" / "bench-accuracy"
 DATASETS = ("elpv", "cookies")
 ALL_IMAGES = 1_000_000  # data.max_* large enough to take every image
+DEFAULT_SETTINGS = Path(__file__).resolve().parent / "accuracy_settings.yaml"
 COOKIES_ATTRIBUTION = (
     "Amazon Lookout for Vision cookie sample (aws-samples/amazon-lookout-for-vision, "
     "computer-vision-defect-detection/cookie-dataset), CC BY-SA 4.0 - see LICENSE.txt."
@@ -175,19 +179,40 @@ def pixel_histograms(
     return pos, neg
 
 
-def _set_key(params: dict[str, Any], dotted: str, raw: str) -> None:
-    """``models.padim.n_features=64`` -> params["models"]["padim"]["n_features"] = 64 (YAML value)."""
+def _set_key(params: dict[str, Any], dotted: str, value: Any, origin: str = "--set") -> None:
+    """``models.padim.n_features`` -> params["models"]["padim"]["n_features"] = value."""
     *parents, leaf = dotted.split(".")
     node = params
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise SystemExit(f"accuracy: --set {dotted}: {key} is not a mapping in params.yaml")
-    node[leaf] = yaml.safe_load(raw)
+            raise SystemExit(f"accuracy: {origin} {dotted}: {key} is not a mapping in params.yaml")
+    node[leaf] = value
 
 
-def bench_params(data_root: Path, models: Sequence[str], overrides: Sequence[str]) -> dict[str, Any]:
-    """params.yaml with data.root -> ``data_root``, every image taken, only ``models``, plus overrides."""
+def load_settings(path: Path) -> dict[str, dict[str, Any]]:
+    """The per-data-set overrides file: ``{data set: {dotted key: value}}``; one-line errors name it."""
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"accuracy: cannot read settings {path}: {exc}".splitlines()[0]) from exc
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise SystemExit(f"accuracy: {path} must map each data set to {{dotted.key: value}}")
+    unknown = sorted(set(settings) - set(DATASETS))
+    if unknown:
+        raise SystemExit(f"accuracy: {path} names unknown data set(s) {unknown}; known: {list(DATASETS)}")
+    return settings
+
+
+def bench_params(
+    data_root: Path,
+    models: Sequence[str],
+    overrides: Sequence[str],
+    settings: dict[str, Any] | None = None,
+    origin: str = "settings",
+) -> dict[str, Any]:
+    """params.yaml with data.root -> ``data_root``, every image taken, only ``models``, then the data
+    set's ``settings`` (keys under ``models.<m>`` only for models in the run), then ``--set`` overrides."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["data"]["root"] = str(data_root)
     for key in ("max_train", "max_test_good", "max_test_defect"):
@@ -196,11 +221,16 @@ def bench_params(data_root: Path, models: Sequence[str], overrides: Sequence[str
     if unknown:
         raise SystemExit(f"accuracy: unknown model(s) {unknown}; params.yaml has {list(params['models'])}")
     params["models"] = {m: params["models"][m] for m in models}
+    for key, value in (settings or {}).items():
+        parts = key.split(".")
+        if parts[0] == "models" and len(parts) > 2 and parts[1] not in models:
+            continue  # that model is not in this run
+        _set_key(params, key, value, origin)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"accuracy: --set {item!r} must be key=value")
-        _set_key(params, key, value)
+        _set_key(params, key, yaml.safe_load(value))
     return params
 
 
@@ -265,7 +295,11 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{(args.work / 'mlflow.db').resolve()}"}
     data = work / "data"
     materialise(name, data, log, env, args)
-    params = bench_params(data.resolve(), args.models, args.set)
+    settings = args.settings.get(name, {})
+    params = bench_params(data.resolve(), args.models, args.set, settings, origin=str(args.settings_file))
+    if settings:
+        chosen = ", ".join(f"{k}={v}" for k, v in settings.items())
+        print(f"accuracy: {name}: settings from {args.settings_file}: {chosen}", file=sys.stderr, flush=True)
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     dataset, models_dir = work / "dataset", work / "models"
@@ -454,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
         "--work", type=Path, default=DEFAULT_WORK, help="working folder (data, outputs, logs)"
     )
     parser.add_argument("--set", action="append", default=[], help="params override key=value (YAML value)")
+    parser.add_argument(
+        "--settings", dest="settings_file", type=Path, default=DEFAULT_SETTINGS,
+        help="per-data-set overrides chosen on validation (default: benchmarks/accuracy_settings.yaml)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-settings",
+        action="store_true",
+        help="params.yaml's defaults for every data set (no settings file)",
+    )
     parser.add_argument("--cookies", type=Path, default=None, help="the lookout-cookies folder")
     parser.add_argument("--cookies-test-fraction", type=float, default=0.4, help="normal cookies held out")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
@@ -466,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()
+    args.settings = {} if args.no_settings else load_settings(args.settings_file)
 
     rows: list[dict[str, Any]] = []
     for name in args.datasets:

@@ -13,12 +13,14 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.accuracy import (
     ALL_IMAGES,
+    DEFAULT_SETTINGS,
     bench_params,
     bootstrap_auroc_ci,
     bootstrap_pixel_auroc_ci,
     champions,
     dataset_for_split,
     histogram_auroc,
+    load_settings,
 )
 
 
@@ -66,6 +68,53 @@ def test_bench_params_take_every_image_and_apply_overrides(tmp_path: Path) -> No
     assert params["data"]["image_size"] == 128
     with pytest.raises(SystemExit, match="unknown model"):
         bench_params(tmp_path, ["nope"], [])
+
+
+def test_settings_apply_per_model_in_the_run_and_set_wins(tmp_path: Path) -> None:
+    settings = {
+        "models.padim.n_features": 200,
+        "models.patchcore.layers": ["blocks.2"],
+        "data.image_size": 320,
+    }
+    params = bench_params(tmp_path, ["padim"], [], settings)
+    assert params["models"]["padim"]["n_features"] == 200 and params["data"]["image_size"] == 320
+    assert list(params["models"]) == ["padim"]  # patchcore's setting did not add patchcore to the run
+    params = bench_params(tmp_path, ["padim", "patchcore"], ["models.padim.n_features=64"], settings)
+    assert params["models"]["padim"]["n_features"] == 64  # --set comes after the settings
+    assert params["models"]["patchcore"]["layers"] == ["blocks.2"]
+    assert params["models"]["patchcore"]["num_neighbors"] == 9  # the rest of params.yaml's entry kept
+
+
+def test_the_committed_settings_name_real_params(tmp_path: Path) -> None:
+    """Every key of accuracy_settings.yaml exists in params.yaml: a renamed knob fails here, not silently."""
+    import yaml
+
+    defaults = yaml.safe_load((DEFAULT_SETTINGS.parents[1] / "params.yaml").read_text())
+    settings = load_settings(DEFAULT_SETTINGS)
+    assert settings, "the settings file is empty"
+    for name, overrides in settings.items():
+        for key in overrides:
+            node = defaults
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: {key} is not in params.yaml"
+                node = node[part]
+        bench_params(tmp_path, list(defaults["models"]), [], overrides)  # and applies cleanly
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mvtec:\n  data.image_size: 320\n", "unknown data set"),
+        ("elpv: [data.image_size]\n", "must map each data set"),
+        ("elpv: {a: [\n", "cannot read settings"),
+    ],
+)
+def test_bad_settings_file_is_one_line_naming_it(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=message) as caught:
+        load_settings(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_pixel_auroc_from_histograms_equals_sklearn_on_the_binned_pixels() -> None:
