@@ -156,9 +156,10 @@ def pixel_histograms(
     from PIL import Image
 
     from experiments.evaluate import load_serving_input
-    from experiments.export import ort_session, run_ort
+    from experiments.export import run_ort
+    from serving.scoring import create_session
 
-    session = ort_session(eval_dir / "onnx" / "model.onnx")
+    session = create_session(eval_dir / "onnx" / "model.onnx")
     pos = np.zeros((len(rows), bins))
     neg = np.zeros((len(rows), bins))
     for index, (rel, label) in enumerate(rows):

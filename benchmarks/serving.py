@@ -100,11 +100,11 @@ in_name, score_name, map_name = meta.input.name, meta.score_output, meta.anomaly
 t_start = time.perf_counter()
 if runtime == "ort":
     import onnxruntime
-    from serving.scoring import _create_session, default_intra_op_threads
+    from serving.scoring import create_session, default_intra_op_threads
     t_import = time.perf_counter()
     used = threads or default_intra_op_threads()  # the serving default: the affinity mask
     precision = ["float32"]
-    session = _create_session(meta.model_path, used)
+    session = create_session(meta.model_path, used)
     t_load = time.perf_counter()
     def infer(x):
         s, m = session.run([score_name, map_name], {in_name: x})

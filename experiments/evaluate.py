@@ -53,12 +53,13 @@ import numpy as np
 from experiments.backbones import BackboneError
 from experiments.config import ParamsError, load_params
 from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
-from experiments.export import export_onnx, file_size_mb, median_latency_ms, ort_session, run_ort
+from experiments.export import export_onnx, file_size_mb, median_latency_ms, run_ort
 from experiments.metrics import StreamingPixelMetrics
 from experiments.models import build_model, input_normalization, model_params, resize_policy
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 from experiments.train import CHECKPOINT_NAME
+from serving.scoring import create_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOGGED_PARAM_SECTIONS = ("seed", "data", "backbone", "train", "evaluate")
@@ -212,7 +213,7 @@ def compare_and_score(
     """
     import torch
 
-    session = ort_session(onnx_path)
+    session = create_session(onnx_path)  # serving's own session settings, one intra-op thread
     picks = set(_heatmap_picks(samples, n_heatmaps))
     ort_scores: list[float] = []
     torch_scores: list[Any] = []

@@ -61,22 +61,6 @@ def input_shape(path: Path) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
 
 
-def ort_session(path: Path, threads: int = 1) -> Any:
-    """A CPU ONNX Runtime session like serving uses (sequential, fixed thread count).
-
-    One intra-op thread by default: the Lambda function gets a fraction of a core per request, and
-    a fixed count makes latencies comparable between runs on a shared machine.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def run_ort(session: Any, image: np.ndarray) -> dict[str, np.ndarray]:
     """Run one ``float32[1,3,S,S]`` image, returning outputs by name."""
     names = [o.name for o in session.get_outputs()]

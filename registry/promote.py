@@ -223,16 +223,13 @@ def load_images(
 
 
 def _session(path: Path) -> Any:
-    import onnxruntime as ort
+    """Serving's own ONNX Runtime session (one thread), its load error as a :class:`PromoteError`."""
+    from serving.scoring import ScoringError, create_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several private exception types
-        raise PromoteError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        return create_session(path)
+    except ScoringError as exc:
+        raise PromoteError(str(exc)) from exc
 
 
 def verify(

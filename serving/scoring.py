@@ -75,8 +75,13 @@ def default_intra_op_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _create_session(model_path: Path, intra_op_threads: int):  # -> onnxruntime.InferenceSession
-    """Create a CPU ONNX Runtime session tuned for one request at a time."""
+def create_session(model_path: Path, intra_op_threads: int = 1):  # -> onnxruntime.InferenceSession
+    """A CPU ONNX Runtime session tuned for one request at a time: the only place one is built.
+
+    Serving, evaluate's ONNX check, promote's verification and the benchmarks all score through
+    this, so "the ONNX model matches torch" is established with the settings that serve it.
+    Fails with :class:`ScoringError` naming the file.
+    """
     import onnxruntime as ort
 
     # Telemetry is only emitted on Windows builds, but switch it off explicitly anyway.
@@ -117,7 +122,7 @@ class Scorer:
         configure_runtime_environment()
         metadata = load_metadata(model_dir, verify_sha256=verify_sha256)
         threads = intra_op_threads or default_intra_op_threads()
-        return cls(metadata, _create_session(metadata.model_path, threads))
+        return cls(metadata, create_session(metadata.model_path, threads))
 
     def _check_session(self) -> None:
         """Fail at load time if the graph does not match metadata (names, static input shape)."""

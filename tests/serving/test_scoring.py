@@ -192,3 +192,20 @@ def test_unloadable_model_is_a_scoring_error(model_copy: Path) -> None:
     _edit(model_copy, model_sha256=sha256_file(model_copy / "model.onnx"))
     with pytest.raises(ScoringError, match="could not load"):
         Scorer.from_dir(model_copy)
+
+
+def test_one_place_builds_onnx_runtime_sessions() -> None:
+    """evaluate's ONNX check, promote's verification, serving and the benchmarks share one session setup.
+
+    A second builder with other options (threads, optimisation level) would let "ONNX matches torch"
+    be checked under settings that do not serve.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    builders = sorted(
+        path.relative_to(repo).as_posix()
+        for package in ("experiments", "registry", "serving", "benchmarks", "infra")
+        for path in (repo / package).rglob("*.py")
+        if "InferenceSession(" in path.read_text(encoding="utf-8")
+        or "SessionOptions(" in path.read_text(encoding="utf-8")
+    )
+    assert builders == ["serving/scoring.py"], builders
