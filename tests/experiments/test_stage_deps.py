@@ -7,47 +7,18 @@ follows imports (module-level and inside functions) transitively through the pro
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.imports import REPO, module_file, project_imports
+
 PACKAGES = ("experiments", "registry", "serving")
 
 
-def _module_file(name: str) -> Path | None:
-    """``experiments.train`` -> experiments/train.py (or a package's __init__.py) when it is ours."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    base = REPO.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def project_imports(path: Path) -> set[Path]:
-    """Project files ``path`` imports, directly or through other project files."""
-    seen: set[Path] = set()
-    todo = [path]
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        for node in ast.walk(ast.parse(current.read_text(encoding="utf-8"))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            for name in names:
-                found = _module_file(name)
-                if found is not None and found not in seen:
-                    todo.append(found)
-    return {p for p in seen if p.name != "__init__.py"}
+def stage_files(module: str) -> set[str]:
+    """Repo-relative files of the project modules ``module`` runs (package ``__init__``s left out)."""
+    files = (module_file(name) for name in project_imports(module, PACKAGES))
+    return {f.relative_to(REPO).as_posix() for f in files if f is not None and f.name != "__init__.py"}
 
 
 def _stages() -> list[tuple[str, str, list[str]]]:
@@ -66,14 +37,13 @@ def _stages() -> list[tuple[str, str, list[str]]]:
 
 def test_the_check_sees_through_function_level_imports() -> None:
     """evaluate imports anomalib-side helpers inside functions; those must be followed too."""
-    found = {p.relative_to(REPO).as_posix() for p in project_imports(REPO / "experiments" / "evaluate.py")}
+    found = stage_files("experiments.evaluate")
     assert {"experiments/train.py", "serving/scoring.py", "serving/preprocess.py"} <= found
 
 
 @pytest.mark.parametrize(("stage", "module", "deps"), _stages(), ids=[s[0] for s in _stages()])
 def test_every_imported_project_module_is_a_dep(stage: str, module: str, deps: list[str]) -> None:
-    entry = _module_file(module)
-    assert entry is not None, f"{stage}: {module} is not a project module"
-    imported = {p.relative_to(REPO).as_posix() for p in project_imports(entry)}
+    assert module_file(module) is not None, f"{stage}: {module} is not a project module"
+    imported = stage_files(module)
     missing = sorted(imported - set(deps))
     assert not missing, f"dvc.yaml stage {stage!r} imports {missing} but does not list them in deps"

@@ -7,7 +7,6 @@ sneaking into the image, a ``.dockerignore`` that hides needed files, lint error
 
 from __future__ import annotations
 
-import ast
 import fnmatch
 import re
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from serving import release
+from tests.imports import project_imports
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -68,32 +68,7 @@ def copied_to(path: str) -> str | None:
 
 def serving_imports(module: str = "serving.app") -> set[str]:
     """Modules of the ``serving`` package that ``module`` imports, transitively (plus itself)."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        file = REPO / (name.replace(".", "/") + ".py")
-        if not file.is_file():
-            file = REPO / name.replace(".", "/") / "__init__.py"
-        tree = ast.parse(file.read_text(), filename=str(file))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.split(".")[0] == "serving"]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative import inside the package
-                    base = ".".join(name.split(".")[: -node.level] + ([base] if base else []))
-                if base.split(".")[0] != "serving":
-                    continue
-                todo.append(base)
-                for alias in node.names:  # ``from serving import events`` imports a module
-                    candidate = f"{base}.{alias.name}"
-                    if (REPO / (candidate.replace(".", "/") + ".py")).is_file():
-                        todo.append(candidate)
-    return seen
+    return project_imports(module, ("serving",))
 
 
 def module_files(modules: set[str]) -> set[str]:
