@@ -61,16 +61,16 @@ ENV PATH="/opt/venv/bin:${PATH}" \
 
 WORKDIR ${LAMBDA_TASK_ROOT}
 
-# Exactly the modules serving/app.py imports (tests/serving/test_dockerfile.py checks this).
-COPY serving/__init__.py serving/app.py serving/events.py serving/model_meta.py \
-     serving/scoring.py serving/service.py serving/storage.py ${LAMBDA_TASK_ROOT}/serving/
-COPY serving/answer.py serving/preprocess.py serving/routes.py ${LAMBDA_TASK_ROOT}/serving/
-# The promoted model (model.onnx + metadata.json, plus model.onnx.data if the export has one).
-COPY serving/model/ ${LAMBDA_TASK_ROOT}/serving/model/
+# Two folders, copied whole: the torch-free core (model contract, preprocessing, ONNX Runtime
+# session, answer analysis) and the Lambda adapter (tests/serving/test_dockerfile.py checks that
+# the handler imports nothing outside them).
+COPY core/ ${LAMBDA_TASK_ROOT}/core/
+# serving/ includes the promoted model (serving/model/: model.onnx + metadata.json).
+COPY serving/ ${LAMBDA_TASK_ROOT}/serving/
 
 # Byte-compile now (the runtime cannot), and fail the build if the model does not load here.
-RUN python -m compileall -q serving \
-    && python -c "from serving.scoring import Scorer; Scorer.from_dir('serving/model')"
+RUN python -m compileall -q core serving \
+    && python -c "from core.scoring import Scorer; Scorer.from_dir('serving/model')"
 
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "awslambdaric"]
 CMD ["serving.app.handler"]

@@ -15,10 +15,13 @@ export DVC_NO_ANALYTICS := 1
 setup: $(VENV)/.installed data
 
 # Reinstall only when a requirements file changes.
-$(VENV)/.installed: requirements.txt serving/requirements.txt
+$(VENV)/.installed: requirements.txt serving/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	@# The project itself, editable: its packages import from the checkout, its console scripts
+	@# (vi-score-folder, vi-local-server, vi-release ...) land in .venv/bin. Pins come from above.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@# OpenVINO (benchmarks only) reads its telemetry consent from this file; 0 = opted out.
 	@# It has no environment-variable switch, and importing it without the file opts in.
 	mkdir -p $(HOME)/intel && [ -f $(HOME)/intel/openvino_telemetry ] || echo 0 > $(HOME)/intel/openvino_telemetry
@@ -39,15 +42,15 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 
-# MLflow UI on http://127.0.0.1:5000 over the pipeline's tracking store (serving/mlflow_uri.py decides).
+# MLflow UI on http://127.0.0.1:5000 over the pipeline's tracking store (config/tracking_uri.py decides).
 ui: $(VENV)/.installed
-	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m serving.mlflow_uri)" --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m config.tracking_uri)" --host 127.0.0.1 --port 5000
 
-# Team tracking server: PostgreSQL backend store + S3 artifacts (proxied); see scripts/mlflow_server.py.
+# Team tracking server: PostgreSQL backend store + S3 artifacts (proxied); see tools/mlflow_server.py.
 # MLFLOW_SERVER_ARGS='--artifacts-destination s3://bucket/mlflow' for real S3 (default: local moto S3).
 MLFLOW_SERVER_ARGS ?= --local-s3
 mlflow-server: $(VENV)/.installed system-deps
-	$(BIN)/python scripts/mlflow_server.py $(MLFLOW_SERVER_ARGS)
+	$(BIN)/python -m tools.mlflow_server $(MLFLOW_SERVER_ARGS)
 
 # Debian packages the team-scale tests need: PostgreSQL (MLflow backend store) and Chromium (UI
 # check). Idempotent: skipped when present; needs root (CI and the dev machines run as root).
@@ -62,14 +65,14 @@ system-deps:
 	fi
 
 bench: setup
-	$(BIN)/python benchmarks/pipeline.py
-	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.serving
 
 # Release the promoted model and deploy a stage: checks → docker build/push to ECR → CloudFormation.
 #   make deploy [STAGE=prod] [DRY_RUN=1] [CONTEXT="memory_mb=4096 retention_days=30"]
 STAGE ?= dev
 deploy: $(VENV)/.installed
-	$(BIN)/python -m serving.release --stage $(STAGE) $(if $(DRY_RUN),--dry-run) $(foreach c,$(CONTEXT),--context $(c))
+	$(BIN)/python -m release.publish --stage $(STAGE) $(if $(DRY_RUN),--dry-run) $(foreach c,$(CONTEXT),--context $(c))
 
 clean:
 	rm -rf build mlartifacts mlflow.db

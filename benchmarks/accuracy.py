@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from config.paths import REPO_ROOT
+
 DEFAULT_WORK = REPO_ROOT / "build" / "bench-accuracy"
 DATASETS = ("elpv", "cookies")
 ALL_IMAGES = 1_000_000  # data.max_* large enough to take every image
@@ -155,9 +156,9 @@ def pixel_histograms(
     """
     from PIL import Image
 
+    from core.scoring import create_session
     from experiments.evaluate import load_serving_input
     from experiments.export import run_ort
-    from serving.scoring import create_session
 
     session = create_session(eval_dir / "onnx" / "model.onnx")
     pos = np.zeros((len(rows), bins))

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/pipeline.py                 # table from build/{models,eval}/<model>/*.json
-    python benchmarks/pipeline.py --run           # time `dvc repro` (a no-op when up to date)
-    python benchmarks/pipeline.py --run --force   # time a full `dvc repro --force` from scratch
-    python benchmarks/pipeline.py --json          # machine-readable
+    python -m benchmarks.pipeline                 # table from build/{models,eval}/<model>/*.json
+    python -m benchmarks.pipeline --run           # time `dvc repro` (a no-op when up to date)
+    python -m benchmarks.pipeline --run --force   # time a full `dvc repro --force` from scratch
+    python -m benchmarks.pipeline --json          # machine-readable
 
 Why read outputs instead of re-running models: the stages already measure what matters (fit time
 and peak RSS in ``train.json``; scoring-pass time, latencies and metrics in ``metrics.json``), so
@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from config.paths import REPO_ROOT
+
 COLUMNS = (
     ("model", "model", "{}"),
     ("train_time_s", "train s", "{:.1f}"),

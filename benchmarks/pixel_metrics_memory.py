@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/pixel_metrics_memory.py [--n-defect 1000] [--n-good 100] [--model padim]
+    python -m benchmarks.pixel_metrics_memory [--n-defect 1000] [--n-good 100] [--model padim]
         [--work /tmp/pixel-bench] [--keep]
 
 Synthesises an MVTec-layout data set (seeded: grey textured 256x256 images; every defect image
@@ -31,7 +31,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from config.paths import REPO_ROOT
+
 SIZE = 256
 TARGET_MB = 3000  # issue #6: evaluate's peak RSS for 1,000 masked test images at 256 px
 

@@ -1,13 +1,13 @@
 """Serving benchmark: ONNX Runtime serving path vs anomalib's PyTorch inferencer, side by side.
 
-``python benchmarks/serving.py [--model-dir DIR] [--ckpt CKPT] [--images N] [--duration S]
+``python -m benchmarks.serving [--model-dir DIR] [--ckpt CKPT] [--images N] [--duration S]
 [--max-requests N] [--request-timeout S] [--clients 1,10,50] [--[no-]openvino] [--only-runtimes]``
 
 Why: the Lambda image ships ONNX Runtime instead of torch for cold start, latency and size.
 This prints the evidence in one run, on the same model and the same images:
 
 * cold start — a fresh process: import + model load + first score (serving side in the
-  clean serving venv from ``tests/serving/clean_venv.py`` when it exists, like the image);
+  clean serving venv from ``tools/clean_venv.py`` when it exists, like the image);
 * warm latency p50/p95 over >= 100 images in that same process;
 * HTTP throughput of the local server (the real handler, moto storage in its own process)
   with 1, 10 and 50 concurrent clients on 127.0.0.1, each level bounded in time and request
@@ -45,11 +45,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.model_fixture import build_tiny_model, elpv_samples  # noqa: E402
-from tests.serving.clean_venv import installed_mb, site_packages, venv_dir  # noqa: E402
+from config.paths import REPO_ROOT as REPO
+from tools.clean_venv import installed_mb, site_packages, venv_dir
+from tools.tiny_model import build_tiny_model, elpv_samples
 
 TORCH_STACK = ("torch", "torchvision", "anomalib", "lightning", "timm", "nvidia", "triton", "openvino")
 
@@ -60,7 +58,7 @@ t0 = time.perf_counter()
 side, model, images = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 from PIL import Image
 if side == "onnx":
-    from serving.scoring import Scorer
+    from core.scoring import Scorer
     t_import = time.perf_counter()
     scorer = Scorer.from_dir(model)
     t_load = time.perf_counter()
@@ -94,13 +92,13 @@ t0 = time.perf_counter()
 runtime, model_dir, inputs_path, threads, maps_path = sys.argv[1:6]
 threads = int(threads)
 import numpy as np
-from serving.model_meta import load_metadata
+from core.contract import load_metadata
 meta = load_metadata(model_dir, verify_sha256=False)
 in_name, score_name, map_name = meta.input.name, meta.score_output, meta.anomaly_map_output
 t_start = time.perf_counter()
 if runtime == "ort":
     import onnxruntime
-    from serving.scoring import create_session, default_intra_op_threads
+    from core.scoring import create_session, default_intra_op_threads
     t_import = time.perf_counter()
     used = threads or default_intra_op_threads()  # the serving default: the affinity mask
     precision = ["float32"]
@@ -156,7 +154,6 @@ def torch_model_from_ckpt(ckpt: Path, model_name: str, out_dir: Path) -> Path:
 
     # Rebuilding the model from its hyper-parameters creates the pretrained backbone again: point
     # timm at the offline weights the pipeline uses instead of the network.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from experiments.backbones import configure_offline
 
     configure_offline()
@@ -237,8 +234,8 @@ def runtime_comparison(model_dir: Path, images: list[str], work: Path, openvino:
     import numpy as np
     from PIL import Image
 
-    from serving.model_meta import load_metadata
-    from serving.scoring import Scorer
+    from core.contract import load_metadata
+    from core.scoring import Scorer
 
     meta = load_metadata(model_dir)
     holder = SimpleNamespace(metadata=meta)  # Scorer.preprocess only reads .metadata.input
@@ -396,8 +393,8 @@ def local_stack(model_dir: Path, table: str, bucket: str) -> Iterator[Any]:
     The one setup both serving benchmarks use. The server's and moto's logs go to
     ``$BENCH_SERVER_LOG`` (default: discarded). This process's AWS settings point at moto while it runs.
     """
-    from serving.local_server import spawn
     from serving.storage import create_resources
+    from tools.local_server import spawn
 
     log_path = os.environ.get("BENCH_SERVER_LOG", os.devnull)
     with open(log_path, "w") as log:

@@ -1,6 +1,6 @@
 """Decode-cost benchmark: peak memory and time per request for 1, 12 and 40 megapixel inputs.
 
-``python benchmarks/serving_decode.py [--model-dir DIR] [--memory-mb 2048]``
+``python -m benchmarks.serving_decode [--model-dir DIR] [--memory-mb 2048]``
 
 Each (size, format, configuration) runs in a fresh interpreter that loads the model, warms up
 on a small image, then serves one request through the real code path minus the network:
@@ -29,17 +29,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from config.paths import REPO_ROOT as REPO
 
 SIZES = {"1 MP": (1155, 866), "12 MP": (4000, 3000), "40 MP": (7300, 5480)}
 
 CHILD = r"""
 import base64, json, sys, time
 from PIL import Image
-from serving.answer import analyse, mask_png
+from core.answer import analyse, mask_png
 from serving.events import RequestError, RequestLimits, parse_event
-from serving.scoring import Scorer, overlay
+from core.scoring import Scorer, overlay
 
 model_dir, path, content_type = sys.argv[1], sys.argv[2], sys.argv[3]
 scorer = Scorer.from_dir(model_dir)
@@ -112,7 +111,7 @@ def main() -> int:
         if os.environ.get("SERVING_MODEL_DIR"):
             model_dir = Path(os.environ["SERVING_MODEL_DIR"])
         if not (model_dir / "metadata.json").is_file():
-            from tests.model_fixture import build_tiny_model
+            from tools.tiny_model import build_tiny_model
 
             print("no promoted model: using the tiny PaDiM fixture (64x64)", flush=True)
             model_dir = build_tiny_model(work / "model", image_size=64)

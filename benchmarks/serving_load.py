@@ -1,6 +1,6 @@
 """Load benchmark of the local HTTP server with the real handler and storage on loopback (moto).
 
-``python benchmarks/serving_load.py [--model-dir DIR] [--clients 1,10,50] [--duration 30]``
+``python -m benchmarks.serving_load [--model-dir DIR] [--clients 1,10,50] [--duration 30]``
 
 For each concurrency level, ``clients`` threads post ELPV cells to ``/cameras/bench-<n>/images``
 for ``--duration`` seconds (bounded: no request starts after the deadline, each has a socket
@@ -13,15 +13,12 @@ and no dangling or orphan. moto runs in its own process, the server in another; 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.serving import load_level, local_stack, percentile  # noqa: E402
-from tests.model_fixture import build_tiny_model, elpv_samples  # noqa: E402
+from benchmarks.serving import load_level, local_stack, percentile
+from config.paths import REPO_ROOT as REPO
+from tools.tiny_model import build_tiny_model, elpv_samples
 
 TABLE = BUCKET = "bench-load"
 

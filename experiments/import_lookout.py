@@ -55,7 +55,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from experiments.runtime import StageError, atomic_directory, stage_main
+from core.files import atomic_directory
+from experiments.runtime import StageError, stage_main
 
 DEFAULT_LABEL_ATTRIBUTE = "anomaly-label"
 DEFAULT_MASK_ATTRIBUTE = "anomaly-mask-ref"
@@ -473,7 +474,7 @@ def import_lookout(
 
 def _default_seed() -> int:
     """``seed`` of params.yaml (the single place for knobs) when readable, else 42."""
-    from experiments.config import ParamsError, load_params
+    from config.params import ParamsError, load_params
 
     try:
         return int(load_params(Path(__file__).resolve().parent.parent / "params.yaml").get("seed", 42))

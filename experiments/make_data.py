@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from core.files import atomic_directory
 from experiments.data_validation import dvc_dir_md5, recorded_md5
-from experiments.runtime import atomic_directory, stage_main
+from experiments.runtime import stage_main
 
 PACKAGE = "elpv_dataset"
 DISTRIBUTION = "elpv-dataset"

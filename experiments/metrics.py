@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.config import ParamsError
+from config.params import ParamsError
 
 N_BINS = 1 << 16
 AUPRO_FPR_LIMIT = 0.3

@@ -6,7 +6,7 @@ into the other. Every model uses the ImageNet backbone of ``params.yaml: backbon
 ``tf_efficientnet_lite0``, offline; see :mod:`experiments.backbones`), and a pre-processor that
 resizes to ``data.image_size`` and normalises with the statistics the backbone's weights were
 trained with (``backbone.normalize``), which anomalib bakes into the ONNX
-export. Images reach it already at that size (``serving.preprocess.fit_image`` in ``prepare``,
+export. Images reach it already at that size (``core.preprocess.fit_image`` in ``prepare``,
 serving, evaluate and promote), so that resize is an identity and the resize policy is ours.
 
 Six models: PaDiM, PatchCore, DFM (fitted statistics, one pass), STFPM (student-teacher), and two
@@ -29,10 +29,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from config.params import ParamsError
+from core.preprocess import DEFAULT_RESIZE, PreprocessError, check_policy
 from experiments.backbones import BackboneError, BackboneSpec, feature_layers, resolve_backbone
-from experiments.config import ParamsError
 from experiments.runtime import seed_everything
-from serving.preprocess import DEFAULT_RESIZE, PreprocessError, check_policy
 
 if TYPE_CHECKING:  # keep `import experiments.models` cheap: torch/anomalib load only when building
     from anomalib.models import AnomalibModule

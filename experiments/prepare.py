@@ -13,8 +13,8 @@ Masks are written under their image's exact stem because anomalib pairs masks wi
 sorted order: ``anomaly-1_mask`` sorts after ``anomaly-19_mask`` while ``anomaly-1`` sorts before
 ``anomaly-10``, so source names would be mis-paired. ``build/prepare/report.json`` lists which
 images set the threshold (val) and which are scored (test). Every image is written as the shared
-pre-processing (:func:`serving.preprocess.fit_image`: bit-depth rule, then ``data.resize`` to
-``image_size``) makes it, masks with the same geometry (:func:`~serving.preprocess.fit_mask`), so
+pre-processing (:func:`core.preprocess.fit_image`: bit-depth rule, then ``data.resize`` to
+``image_size``) makes it, masks with the same geometry (:func:`~core.preprocess.fit_mask`), so
 the models train on exactly the pixels serving will feed them; an 8-bit grey/RGB file that already
 has that size is copied byte for byte (its pixels are the same).
 The output is byte-identical across runs (no timestamps, sorted everything).
@@ -37,7 +37,9 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from experiments.config import load_params
+from config.params import load_params
+from core.files import atomic_directory
+from core.preprocess import PreprocessError, fit_image, fit_mask
 from experiments.data_validation import (
     DataParams,
     DataValidationError,
@@ -52,7 +54,6 @@ from experiments.data_validation import (
 )
 from experiments.models import resize_policy
 from experiments.runtime import stage_main
-from serving.preprocess import PreprocessError, fit_image, fit_mask
 
 DATASET_DIR = Path("build/dataset")
 REPORT_PATH = Path("build/prepare/report.json")
@@ -123,11 +124,9 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     rewrite = {rel for rel in chosen if _needs_rewrite(p.root / rel, p.image_size)}
     resize_to = p.image_size if rewrite else None
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     files: list[str] = []
     split_files: dict[str, list[str]] = {}
-    try:
+    with atomic_directory(out) as tmp:
         for rel in tqdm(chosen, desc="copy", unit="img", mininterval=1.0):
             dest = destinations[rel]
             if rel in rewrite:
@@ -143,10 +142,6 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
                 mask_rel = f"ground_truth/{split}/{category}/{Path(dest).stem}.png"
                 _write_file(p.root / layout.masks[rel], tmp / mask_rel, p.image_size, policy, is_mask=True)
                 files.append(mask_rel)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     def by_folder(paths: list[str]) -> dict[str, int]:
         return dict(sorted(Counter(Path(rel).parent.as_posix() for rel in paths).items()))

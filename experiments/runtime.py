@@ -12,10 +12,8 @@ import contextlib
 import functools
 import os
 import resource
-import shutil
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -61,56 +59,12 @@ def quiet_third_party_warnings() -> None:
     logging.getLogger("timm.models._builder").setLevel(logging.ERROR)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(out: Path) -> None:
-    """Remove temp folders left by killed runs (``.<name>.tmp-<pid>`` whose process is gone)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        with contextlib.suppress(ValueError):
-            pid = int(stale.name.rsplit("-", 1)[1])
-            if pid != os.getpid() and not _pid_alive(pid):
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield an empty temp sibling of ``out``; on success swap it into place, on error drop it.
-
-    Why: a data folder is read by DVC and by every stage; a run killed half-way (or a bad input
-    found after the first files were written) must leave the previous ``out`` untouched, never a
-    half-written one. The temp folder is a sibling so the final ``os.replace`` is a rename on one
-    file system.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists() or out.is_symlink():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class StageError(Exception):
     """An error the user fixes (input data, a path, the order of stages): shown as one line, exit 1."""
 
 
 def _user_error_types(extra: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
-    from experiments.config import ParamsError
+    from config.params import ParamsError
 
     return (ParamsError, StageError, FileNotFoundError, *extra)
 

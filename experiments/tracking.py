@@ -3,8 +3,8 @@
 Why a module: every stage must log to the same store and experiment, never phone home, and not
 depend on the working directory (DVC, pytest and people start stages from different places).
 
-* Store: resolved by ``serving.mlflow_uri.tracking_uri`` (the single writer of that rule, shared with
-  ``serving.release``): ``MLFLOW_TRACKING_URI`` if set (relative local paths taken from the repo
+* Store: resolved by ``config.tracking_uri.tracking_uri`` (the single writer of that rule, shared with
+  ``release.publish``): ``MLFLOW_TRACKING_URI`` if set (relative local paths taken from the repo
   root), else ``sqlite:///<repo>/mlflow.db`` (MLflow 3's model registry needs a database store).
 * Artifacts: a local folder ``mlartifacts/`` next to the sqlite database (``<repo>/mlartifacts/`` by
   default), fixed when the experiment is created, so the files live with the database and not
@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from serving.mlflow_uri import tracking_uri
+from config.paths import REPO_ROOT
+from config.tracking_uri import tracking_uri
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT_NAME = "visual-inspection"
 # The MLflow 3 UI opens an experiment in its "Model training" view (runs table, metrics, models)
 # rather than the GenAI view (traces) when the experiment carries this tag; values from the UI's

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from config.params import ParamsError, load_params
+from config.paths import REPO_ROOT
 from experiments.backbones import BackboneError
-from experiments.config import ParamsError, load_params
 from experiments.datamodule import DatasetLayoutError, build_datamodule, split_record
 from experiments.models import backbone_spec, build_model, input_normalization, model_params
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_NAME = "model.ckpt"
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 

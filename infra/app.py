@@ -2,7 +2,7 @@
 
 Without ``--stage`` every stage in ``params.yaml: deploy.stages`` is synthesized. Templates go to
 ``build/cdk.out/<stack>.template.json`` (``--out`` to change). ``image_tag`` (or ``image_digest``)
-must be given as context: it is the tag ``python -m serving.release`` pushed to ECR.
+must be given as context: it is the tag ``python -m release.publish`` pushed to ECR.
 """
 
 from __future__ import annotations

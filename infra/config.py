@@ -2,7 +2,7 @@
 
 ``params.yaml`` is the project's single place for knobs, so the stack reads its defaults and
 per-stage values from there (``deploy.defaults`` then ``deploy.stages.<stage>``); a context value
-(CDK's ``-c KEY=VALUE``, or ``--context`` on ``python -m infra.app`` / ``serving.release``) wins
+(CDK's ``-c KEY=VALUE``, or ``--context`` on ``python -m infra.app`` / ``release.publish``) wins
 over both. Every value is validated here, before any construct exists, so a bad knob is one line
 naming the key and the fix instead of a CloudFormation rollback ten minutes later.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from config.paths import REPO_ROOT
+
 PARAMS = REPO_ROOT / "params.yaml"
 
 # Lambda accepts at most 6 MB (6,291,456 bytes) of event JSON for a synchronous invocation. API
@@ -92,7 +93,7 @@ class StageConfig:
             raise ConfigError("give image_tag or image_digest, not both")
         if require_image and not (self.image_tag or self.image_digest):
             raise ConfigError(
-                "no image: pass --context image_tag=<tag> (the tag `python -m serving.release` pushed) "
+                "no image: pass --context image_tag=<tag> (the tag `python -m release.publish` pushed) "
                 "or --context image_digest=sha256:<hex>"
             )
         if self.image_tag and not TAG_RE.match(self.image_tag):

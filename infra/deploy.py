@@ -1,7 +1,7 @@
 """Deploy one stage: synthesize its stack for an image tag, then a CloudFormation change set.
 
 ``python -m infra.deploy --stage dev --image-tag v3-abc1234 [--region R] [--context K=V] [--dry-run]``
-(normally run by ``python -m serving.release``, which pushes the image first and passes its tag).
+(normally run by ``python -m release.publish``, which pushes the image first and passes its tag).
 
 Why plain CloudFormation and not ``cdk deploy``: the stack has no assets (the image is already in
 ECR) and uses the bootstrapless synthesizer, so no CDK CLI, no ``cdk bootstrap`` and no staging
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: 0 deployed (or unchanged), 2 bad configuration, 1 AWS/CloudFormation failure."""
     parser = argparse.ArgumentParser(prog="python -m infra.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", required=True)
-    parser.add_argument("--image-tag", help="tag pushed by serving.release (or --context image_digest=...)")
+    parser.add_argument("--image-tag", help="tag pushed by release.publish (or --context image_digest=...)")
     parser.add_argument("--region", default=None)
     parser.add_argument("--context", "-c", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--dry-run", action="store_true", help="print the steps, touch nothing")

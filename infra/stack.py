@@ -4,7 +4,7 @@ What is shared with ``serving/`` is imported, never restated, so the stack follo
 
 * the table's key schema, attribute types, GSI and billing mode come from
   :data:`serving.storage.TABLE_SCHEMA` (tests compare the synthesized table with it);
-* the API's routes come from :data:`serving.local_server.ROUTES`, the routes the handler serves
+* the API's routes come from :data:`serving.routes.ROUTES`, the routes the handler serves
   locally, so a new route there appears here (with IAM auth) on the next synth;
 * the function's environment uses the variable names the handler reads (``RESULTS_TABLE``,
   ``RESULTS_BUCKET``, ``RESULTS_PREFIX``, ``MAX_BODY_BYTES`` ...).
@@ -42,7 +42,7 @@ from aws_cdk import aws_sns_subscriptions as subs
 from constructs import Construct
 
 from infra.config import StageConfig
-from serving.local_server import ROUTES
+from serving.routes import ROUTES
 from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
 
 # Where the Dockerfile puts the promoted model (${LAMBDA_TASK_ROOT}/serving/model).

@@ -4,7 +4,7 @@ Why a wrapper: the registry stages must hit exactly the store the evaluation sta
 (``MLFLOW_TRACKING_URI``, else the repo's ``sqlite:///mlflow.db``; MLflow 3 refuses a plain
 ``file:./mlruns`` model registry), must never phone home (telemetry off), and must not depend on the
 current working directory, because DVC, pytest and humans start them from different places.
-The store is resolved by ``experiments.tracking.setup_tracking`` (→ ``serving.mlflow_uri``), the same
+The store is resolved by ``experiments.tracking.setup_tracking`` (→ ``config.tracking_uri``), the same
 call the evaluate stage makes, so both sides agree by construction.
 """
 

@@ -7,7 +7,7 @@ the contract's input ``float32[1,3,S,S]`` and give the same ``pred_score`` on a 
 otherwise the registry and the evaluated model have drifted apart and nothing is promoted.
 
 Atomicity: everything is written into a temporary sibling directory, validated with the serving
-side's own ``serving.model_meta.load_metadata``, and only then swapped in by rename, so a failure at
+side's own ``core.contract.load_metadata``, and only then swapped in by rename, so a failure at
 any point leaves the previous ``serving/model/`` untouched.
 
 Determinism: ``exported_at`` is the registry version's creation time, not "now", so promoting the
@@ -34,12 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.contract import SCHEMA_VERSION, input_block, load_metadata
+from core.files import sha256_file, swap_directory
+from core.preprocess import PreprocessError, check_policy, model_input
 from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
 from experiments.runtime import stage_main
 from registry.rule import SelectionError
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
-from serving.model_meta import SCHEMA_VERSION, input_block, load_metadata, sha256_file
-from serving.preprocess import PreprocessError, check_policy, model_input
 
 if TYPE_CHECKING:
     import numpy as np
@@ -198,7 +199,7 @@ def load_images(
 ) -> list[tuple[str, np.ndarray]]:
     """Up to ``n`` test images (half good, half defect, sorted) as ``float32[1,3,H,W]`` RGB in [0, 1].
 
-    Prepared by :func:`serving.preprocess.model_input` with the champion's resize policy: the
+    Prepared by :func:`core.preprocess.model_input` with the champion's resize policy: the
     function the serving side applies (contract §5).
     """
     from PIL import Image
@@ -224,7 +225,7 @@ def load_images(
 
 def _session(path: Path) -> Any:
     """Serving's own ONNX Runtime session (one thread), its load error as a :class:`PromoteError`."""
-    from serving.scoring import ScoringError, create_session
+    from core.scoring import ScoringError, create_session
 
     try:
         return create_session(path)
@@ -322,24 +323,6 @@ def validate_model_dir(model_dir: Path) -> None:
         raise PromoteError(f"promoted model fails serving validation: {exc}") from exc
 
 
-def swap_into_place(staged: Path, out: Path) -> None:
-    """Replace ``out`` by ``staged`` with renames on the same filesystem; roll back on failure."""
-    backup = out.with_name(f".{out.name}.previous")
-    if backup.exists():
-        shutil.rmtree(backup)
-    had_old = out.exists()
-    if had_old:
-        out.rename(backup)
-    try:
-        staged.rename(out)
-    except BaseException:
-        if had_old:
-            backup.rename(out)
-        raise
-    if had_old:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def promote(
     params: Mapping[str, Any],
     *,
@@ -395,7 +378,7 @@ def promote(
         for item in staged.iterdir():
             item.chmod(0o644)
         validate_model_dir(staged)
-        swap_into_place(staged, out)
+        swap_directory(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -424,7 +407,7 @@ def check_champion_file(path: Path | None, version: Any) -> None:
 
 @stage_main("promote", SelectionError, RegistryError, PromoteError)
 def main(argv: Sequence[str] | None = None) -> int:
-    from experiments.config import ParamsError, load_params
+    from config.params import ParamsError, load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -499,7 +499,7 @@ def run(
 
 @stage_main("select", SelectionError, RegistryError)
 def main(argv: Sequence[str] | None = None) -> int:
-    from experiments.config import ParamsError, load_params
+    from config.params import ParamsError, load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

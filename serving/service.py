@@ -28,7 +28,9 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
-from serving.answer import analyse, confidence, mask_png
+from core.answer import analyse, confidence, mask_png
+from core.preprocess import PreprocessError
+from core.scoring import Scorer, ScoringError, overlay
 from serving.events import (
     IDENTIFIER_RE,
     REQUEST_ID_RE,
@@ -40,9 +42,7 @@ from serving.events import (
     query_parameters,
     validate_identifier,
 )
-from serving.preprocess import PreprocessError
 from serving.routes import RESULT_ROUTE, RESULTS_ROUTE, event_method_and_path, match_route
-from serving.scoring import Scorer, ScoringError, overlay
 from serving.storage import IdempotencyConflict, InvalidPageToken, ResultRecord, ResultStore, StorageError
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"  # what `promote` writes

@@ -27,7 +27,7 @@ AWS_TEST_ENV = {
 def serving_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shaped like ``serving/model/`` (``model.onnx`` + ``metadata.json``), 64x64 input.
 
-    Built once per session from a tiny PaDiM (see ``tests/model_fixture.py``), unless
+    Built once per session from a tiny PaDiM (see ``tools/tiny_model.py``), unless
     ``SERVING_MODEL_DIR`` names a prebuilt one (e.g. in a torch-free venv).
     """
     prebuilt = os.environ.get("SERVING_MODEL_DIR")
@@ -36,7 +36,7 @@ def serving_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (path / "metadata.json").is_file():
             raise RuntimeError(f"SERVING_MODEL_DIR={prebuilt} has no metadata.json")
         return path
-    from tests.model_fixture import build_tiny_model
+    from tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), image_size=64)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from config.paths import REPO_ROOT as REPO
 
 
 def module_file(name: str) -> Path | None:

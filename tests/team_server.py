@@ -1,6 +1,6 @@
 """Fixture: the team's MLflow server as ``make mlflow-server`` runs it (PostgreSQL + S3 artifacts).
 
-Started through ``scripts.mlflow_server.shared_server`` itself, so the tests exercise the same code
+Started through ``tools.mlflow_server.shared_server`` itself, so the tests exercise the same code
 the team uses: a real PostgreSQL cluster (Debian package) in a temp folder, a moto S3 server as the
 artifact store, and ``mlflow server --serve-artifacts`` in front of both, all on 127.0.0.1.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import mlflow_server
+from tools import mlflow_server
 
 
 def require(program: str, postgres: bool = True) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from config.paths import REPO_ROOT as REPO
+
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
@@ -159,7 +160,7 @@ def test_champion_registered_and_promoted(pipeline_repo: tuple[Path, dict[str, s
     out = _run([sys.executable, "-c", code], work, env).stdout.strip().splitlines()[-1]
     assert json.loads(out) == {"version": str(champion["version"]), "run_id": champion["run_id"]}
     # The promoted model scores a real test image through the torch-free serving path.
-    from serving.scoring import Scorer
+    from core.scoring import Scorer
 
     scorer = Scorer.from_dir(work / "serving" / "model")
     image = next((work / "build" / "dataset" / "test" / "defect").glob("*.png"))

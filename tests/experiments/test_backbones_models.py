@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.config import ParamsError
+from config.params import ParamsError
 from experiments.models import model_params, resize_policy
 
 PARAMS = {
@@ -46,7 +46,7 @@ def _params(**changes: dict) -> dict:
 
 def _tiny_dataset(root: Path) -> Path:
     """prepare's layout (train / val / test), as train and evaluate read it."""
-    from tests.model_fixture import tiny_split_dataset
+    from tools.tiny_model import tiny_split_dataset
 
     return tiny_split_dataset(root)
 

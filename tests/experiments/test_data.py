@@ -10,8 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from config.params import ParamsError, load_params
+from config.paths import REPO_ROOT as REPO
 from experiments import make_data, prepare
-from experiments.config import ParamsError, load_params
 from experiments.data_validation import (
     dvc_dir_md5,
     recorded_md5,
@@ -19,8 +20,6 @@ from experiments.data_validation import (
     select_subset,
     validate_data_params,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from scripts.mlflow_server import Stack
-from tests.model_fixture import elpv_samples
+from config.paths import REPO_ROOT as REPO
+from tools.mlflow_server import Stack
+from tools.tiny_model import elpv_samples
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 SWEEP = {"sweep-lr-01": 0.1, "sweep-lr-05": 0.5}  # two experiments, two workers: run at once
@@ -49,7 +49,7 @@ DVC_YAML = """\
 stages:
   train:
     cmd: python train.py
-    deps: [train.py, data, experiments/tracking.py, serving/mlflow_uri.py]
+    deps: [train.py, data, experiments/tracking.py, config/tracking_uri.py]
     params: [lr]
     metrics:
       - metrics.json:
@@ -111,7 +111,7 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
         "experiments/__init__.py",
         "experiments/tracking.py",
         "serving/__init__.py",
-        "serving/mlflow_uri.py",
+        "config/tracking_uri.py",
     ):
         shutil.copyfile(REPO / rel, repo / rel)
     (repo / "data").mkdir()

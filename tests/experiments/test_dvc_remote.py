@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.model_fixture import elpv_samples
+from config.paths import REPO_ROOT as REPO
+from tools.tiny_model import elpv_samples
 
-REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).parent / "dvc")
 AWS_ENV_DUMMY = {
     "AWS_ACCESS_KEY_ID": "testing",

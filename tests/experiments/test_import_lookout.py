@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config.paths import REPO_ROOT
 from experiments import import_lookout
 from experiments.data_validation import dvc_dir_md5
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COOKIES = Path(os.environ.get("LOOKOUT_COOKIES_DIR") or REPO_ROOT / "tests" / "data" / "lookout-cookies")
 FILES = COOKIES / "dataset-files"
 MANIFEST = FILES / "manifests" / "template.manifest"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.config import ParamsError
+from config.params import ParamsError
 from experiments.metrics import StreamingPixelMetrics, ThresholdPolicy, brute_force_aupro, normal_quantile
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.config import ParamsError
+from config.params import ParamsError
 from experiments.models import model_params
 
 BASE_PARAMS = {
@@ -179,7 +179,7 @@ def assert_image_metrics_match_engine_test(
 
 
 def _tiny_dataset(root: Path) -> Path:
-    from tests.model_fixture import tiny_split_dataset
+    from tools.tiny_model import tiny_split_dataset
 
     return tiny_split_dataset(root)
 

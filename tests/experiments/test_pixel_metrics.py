@@ -68,7 +68,7 @@ def _raw_data(
     spots: int = 0,
 ) -> None:
     """``data/``-like MVTec folder: train/good, test/good, test/defect + ground_truth/defect masks."""
-    from tests.model_fixture import elpv_samples
+    from tools.tiny_model import elpv_samples
 
     normal, _ = elpv_samples(n_normal=n_train + n_good + n_defect, n_defect=0)
     assert len(normal) == n_train + n_good + n_defect

@@ -5,9 +5,9 @@ pipeline's own ``prepare`` -> ``train`` on ELPV cells cut to the awkward shapes 
 (100x280 and 620x250 in one set, half of the training cells as 16-bit PNGs), exported with the
 pipeline's ``export_onnx``, and then checked end to end:
 
-* training side: ``prepare`` writes the image (``serving.preprocess.fit_image`` under the policy),
+* training side: ``prepare`` writes the image (``core.preprocess.fit_image`` under the policy),
   anomalib's own dataset reader loads that PNG, the *torch* module scores it;
-* serving side: the raw, non-square file goes to :class:`serving.scoring.Scorer` (ONNX Runtime)
+* serving side: the raw, non-square file goes to :class:`core.scoring.Scorer` (ONNX Runtime)
   with ``metadata.json`` naming the policy.
 
 Same image, same score (within float tolerance), for a policy-specific input: if either side
@@ -26,7 +26,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serving.preprocess import RESIZE_POLICIES
+from core.preprocess import RESIZE_POLICIES
 
 SIZE = 64
 SHAPES = [(280, 100), (250, 620), (100, 280), (620, 250)]  # (width, height), mixed in one set
@@ -64,7 +64,7 @@ def _train(policy: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from experiments.models import build_model
     from experiments.prepare import prepare
     from experiments.train import CHECKPOINT_NAME, train
-    from tests.model_fixture import elpv_samples
+    from tools.tiny_model import elpv_samples
 
     tmp = tmp_path_factory.mktemp(f"parity-{policy}")
     normal, defect = elpv_samples(n_normal=12, n_defect=4)
@@ -111,7 +111,8 @@ def _train(policy: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _serving_dir(trained: dict) -> Path:
     """``serving/model``-shaped folder of the trained model; its metadata names the policy."""
     policy = trained["policy"]
-    from serving.model_meta import SCHEMA_VERSION, input_block, sha256_file
+    from core.contract import SCHEMA_VERSION, input_block
+    from core.files import sha256_file
 
     out = trained["tmp"] / f"serving-{policy}"
     out.mkdir(exist_ok=True)
@@ -141,8 +142,8 @@ def _torch_score(model, png: Path) -> float:
 
 
 def test_training_and_serving_paths_give_the_same_score(trained: dict) -> None:
+    from core.scoring import Scorer
     from experiments.prepare import _write_file
-    from serving.scoring import Scorer
 
     policy = trained["policy"]
     scorer = Scorer.from_dir(_serving_dir(trained), intra_op_threads=1)
@@ -160,7 +161,7 @@ def test_training_and_serving_paths_give_the_same_score(trained: dict) -> None:
 
 
 def test_policies_feed_different_pixels(letterboxed: dict) -> None:
-    from serving.preprocess import model_input
+    from core.preprocess import model_input
 
     raw = sorted((letterboxed["data"] / "test" / "good").glob("*.png"))[0]
     with Image.open(raw) as im:
@@ -171,7 +172,7 @@ def test_policies_feed_different_pixels(letterboxed: dict) -> None:
 
 def test_sixteen_bit_png_scores_like_its_8bit_twin(letterboxed: dict) -> None:
     """The issue's bug: a normal 16-bit PNG scored 1.0 because convert("RGB") clipped it white."""
-    from serving.scoring import Scorer, overlay
+    from core.scoring import Scorer, overlay
 
     scorer = Scorer.from_dir(_serving_dir(letterboxed), intra_op_threads=1)
     raw = sorted((letterboxed["data"] / "test" / "good").glob("*.png"))[0]

@@ -142,7 +142,7 @@ def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from experiments import prepare
     from experiments.evaluate import evaluate
     from experiments.train import train
-    from tests.model_fixture import elpv_samples
+    from tools.tiny_model import elpv_samples
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = tmp_path / "data" / "train" / "good"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from config.paths import REPO_ROOT
 
 
 def _bad_params(tmp_path: Path, dotted: str, value: object) -> Path:

@@ -1,6 +1,6 @@
 """The team's shared MLflow server: PostgreSQL backend store, S3 artifacts, proxied to clients.
 
-The server is started by ``scripts/mlflow_server.py`` itself (``make mlflow-server``; fixture in
+The server is started by ``tools/mlflow_server.py`` itself (``make mlflow-server``; fixture in
 ``tests/team_server.py``): a real PostgreSQL cluster, a moto S3 server as the artifact store and
 ``mlflow server --serve-artifacts``, all on 127.0.0.1. Clients get ``MLFLOW_TRACKING_URI`` and nothing
 else (no AWS credentials): artifacts must still go to S3 and come back through the server.
@@ -27,16 +27,16 @@ from typing import Any
 import pytest
 import yaml
 
+from config.paths import REPO_ROOT as REPO
 from experiments import tracking
 from registry import select as select_mod
-from scripts.mlflow_server import LOCAL_S3_CREDENTIALS, Stack
 from tests.registry.test_select_promote import SIZE, _constant_onnx
 from tests.team_server import require
 from tests.test_pipeline_e2e import _deep_update
+from tools.mlflow_server import LOCAL_S3_CREDENTIALS, Stack
 
 pytest.importorskip("mlflow")
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODEL_NAME = "vi-server-test"
 BUCKET, PREFIX = "team-mlflow", "artifacts/"
@@ -293,9 +293,9 @@ def test_real_stages_log_register_and_promote_through_server(
     assert version["version"] == champion["version"] and version["run_id"] == champion["run_id"]
     meta = json.loads((work / "serving" / "model" / "metadata.json").read_text())
     assert meta["run_id"] == champion["run_id"] and str(meta["registry_version"]) == champion["version"]
-    # The release check (serving/release.py) agrees through the same URL: same name, version, run and
+    # The release check (release/publish.py) agrees through the same URL: same name, version, run and
     # sha256 of the ONNX it downloads through the server's artifact proxy.
-    from serving import release
+    from release import publish as release
 
     release.check_champion(
         release.load_promoted(work / "serving" / "model"), tracking_uri=url, model_name=name, alias="champion"
@@ -357,7 +357,7 @@ def test_server_script_rejects_a_non_s3_artifact_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Bad input to `make mlflow-server` is one line naming the option and what it must be."""
-    from scripts import mlflow_server
+    from tools import mlflow_server
 
     code = mlflow_server.main(["--artifacts-destination", "/srv/artifacts", "--work-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
@@ -366,7 +366,7 @@ def test_server_script_rejects_a_non_s3_artifact_store(
 
 
 def test_server_script_names_the_missing_postgresql_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scripts import mlflow_server
+    from tools import mlflow_server
 
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(mlflow_server.Path, "glob", lambda self, pattern: iter(()))

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from config import tracking_uri as mlflow_uri
+from config.paths import REPO_ROOT
 from experiments import tracking
 from experiments.data_validation import dvc_dir_md5
-from serving import mlflow_uri
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -46,7 +45,7 @@ def test_uri_is_absolute_and_never_relative_to_the_working_directory(
 
 def test_every_caller_uses_the_one_resolver(store: str) -> None:
     from registry.mlflow_client import get_client
-    from serving import release
+    from release import publish as release
 
     assert get_client().tracking_uri == store == tracking.tracking_uri() == mlflow_uri.tracking_uri()
     assert release.resolved_tracking_uri is mlflow_uri.tracking_uri
@@ -61,7 +60,7 @@ def test_every_caller_uses_the_one_resolver(store: str) -> None:
             )
             if re.search(reads, text):
                 readers.append(path.relative_to(REPO_ROOT).as_posix())
-    assert readers == [], f"read MLFLOW_TRACKING_URI through serving.mlflow_uri instead: {readers}"
+    assert readers == [], f"read MLFLOW_TRACKING_URI through config.tracking_uri instead: {readers}"
 
 
 def test_experiment_opens_in_the_model_training_view(store: str) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config.paths import REPO_ROOT as REPO
 from infra.config import MAX_DELIVERABLE_BODY_BYTES, ConfigError, load_stage, parse_context, stage_names
 from serving.events import RequestLimits
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_stage_loads_and_context_overrides_params() -> None:

@@ -17,9 +17,9 @@ from infra.config import MAX_DELIVERABLE_BODY_BYTES
 from infra.deploy import MAX_TEMPLATE_BODY_BYTES
 from infra.stack import BINARY_MEDIA_TYPES, S3_EXPIRY_GRACE_DAYS, route_path_pattern
 from serving.events import IMAGE_CONTENT_TYPES
-from serving.local_server import ROUTES
 from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
 from tests.infra.conftest import IMAGE_TAG, Synth
+from tools.local_server import ROUTES
 
 LABELS = ("dev", "prod", "full")
 

@@ -159,7 +159,7 @@ def test_metric_required_and_defaults() -> None:
 
 def test_repo_params_are_valid() -> None:
     """The committed params.yaml must always parse into a rule (a typo there would stop the pipeline)."""
-    from serving.mlflow_uri import REPO_ROOT
+    from config.tracking_uri import REPO_ROOT
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     rule = SelectionRule.from_params(params["selection"])

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
+from config.paths import REPO_ROOT as REPO
 from registry import select as select_mod
-from scripts.mlflow_server import Stack
 from tests.registry.test_select_promote import _constant_onnx
+from tools.mlflow_server import Stack
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "vi-race"
 ROUNDS = 2
 

@@ -2,7 +2,7 @@
 
 Why real: the registry semantics under test (alias moves, version reuse, ``models:/name@alias``
 downloads, external-data ONNX from the MLflow flavour) live in MLflow itself, so mocks would test
-nothing. The champion model is the tiny genuine anomalib PaDiM export from ``tests/model_fixture.py``;
+nothing. The champion model is the tiny genuine anomalib PaDiM export from ``tools/tiny_model.py``;
 a hand-built ONNX graph with the same input/output names plays a model whose scores differ.
 """
 
@@ -92,7 +92,7 @@ class Store:
     def _make_dataset(self) -> None:
         from PIL import Image
 
-        from tests.model_fixture import elpv_samples
+        from tools.tiny_model import elpv_samples
 
         normal, defect = elpv_samples(n_normal=2, n_defect=2)
         for label, paths in (("good", normal), ("defect", defect)):
@@ -313,8 +313,8 @@ def test_promote_records_the_champions_input_normalisation(ws3: Workspace) -> No
 
 
 def test_promote_writes_valid_serving_model(ws3: Workspace) -> None:
-    from serving.model_meta import load_metadata
-    from serving.scoring import Scorer
+    from core.contract import load_metadata
+    from core.scoring import Scorer
 
     record = ws3.select()
     meta = ws3.promote()

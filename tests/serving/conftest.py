@@ -33,7 +33,7 @@ def image_bytes(size: tuple[int, int] = (96, 80), fmt: str = "PNG", seed: int = 
 
 def elpv_image_bytes(index: int = 0) -> bytes:
     """Bytes of a real ELPV cell PNG (300x300 greyscale) from the installed dataset wheel."""
-    from tests.model_fixture import elpv_samples
+    from tools.tiny_model import elpv_samples
 
     normal, defect = elpv_samples(4, 4)
     return (normal + defect)[index].read_bytes()
@@ -117,9 +117,9 @@ def json_body(image: bytes, **fields: Any) -> str:
 
 
 @pytest.fixture(scope="session")
-def scorer(serving_model_dir: Path):  # -> serving.scoring.Scorer
+def scorer(serving_model_dir: Path):  # -> core.scoring.Scorer
     """One ONNX Runtime session on the tiny fixture model for the whole session."""
-    from serving.scoring import Scorer
+    from core.scoring import Scorer
 
     return Scorer.from_dir(serving_model_dir)
 

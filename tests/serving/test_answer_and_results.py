@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.answer import analyse, confidence, label_regions
+from core.answer import analyse, confidence, label_regions
+from core.scoring import Scorer
 from serving.events import RequestLimits
-from serving.local_server import build_event, match_route
-from serving.scoring import Scorer
 from serving.service import InferenceService
 from serving.storage import ResultStore
 from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v2_event
+from tools.local_server import build_event, match_route
 
 
 def test_confidence_is_distance_from_threshold_relative_to_its_side() -> None:

@@ -27,9 +27,9 @@ import boto3
 import pytest
 from PIL import Image
 
-from serving.local_server import build_event
 from serving.storage import create_resources
-from tests.serving.clean_venv import REPO, ensure_venv, installed_mb, pip_list, python, site_packages
+from tools.clean_venv import REPO, ensure_venv, installed_mb, pip_list, python, site_packages
+from tools.local_server import build_event
 
 pytestmark = pytest.mark.slow  # builds a venv on first use (~30 s with a warm pip cache)
 

@@ -1,4 +1,4 @@
-"""``serving.client`` against the local API server on 127.0.0.1, in front of the real handler with
+"""``tools.client`` against the local API server on 127.0.0.1, in front of the real handler with
 storage on moto, behind an IAM-auth gate that checks SigV4 signatures the way API Gateway does:
 the signature is recomputed from what actually arrived (method, path, query, signed headers, body)
 with the caller's secret key, so a client that signs anything other than what it sends fails.
@@ -24,10 +24,10 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from serving import client
-from serving.local_server import make_server
 from tests.conftest import AWS_TEST_ENV
 from tests.serving.conftest import TABLE, image_bytes
+from tools import client
+from tools.local_server import make_server
 
 AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<day>\d{8})/(?P<region>[a-z0-9-]+)/execute-api/"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from serving import release
+from config.paths import REPO_ROOT as REPO
+from release import publish as release
 from tests.imports import project_imports
 
-REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 FORBIDDEN_IN_IMAGE = {"torch", "torchvision", "anomalib", "lightning", "pytorch-lightning", "timm"}
 
@@ -66,9 +66,25 @@ def copied_to(path: str) -> str | None:
     return None
 
 
+IMAGE_PACKAGES = ("core", "serving")  # the two folders the image copies whole
+PROJECT_PACKAGES = (
+    "benchmarks",
+    "config",
+    "core",
+    "edge",
+    "experiments",
+    "infra",
+    "registry",
+    "release",
+    "serving",
+    "tests",
+    "tools",
+)
+
+
 def serving_imports(module: str = "serving.app") -> set[str]:
-    """Modules of the ``serving`` package that ``module`` imports, transitively (plus itself)."""
-    return project_imports(module, ("serving",))
+    """Project modules that ``module`` imports, transitively (plus itself)."""
+    return project_imports(module, PROJECT_PACKAGES)
 
 
 def module_files(modules: set[str]) -> set[str]:
@@ -107,17 +123,23 @@ def test_hadolint_passes() -> None:
 
 def test_every_module_the_handler_imports_is_copied() -> None:
     modules = serving_imports("serving.app")
-    assert {"serving.app", "serving.scoring", "serving.model_meta"} <= modules
+    assert {"serving.app", "core.scoring", "core.contract"} <= modules
     files = module_files(modules)
     missing = sorted(f for f in files if copied_to(f) is None)
     assert not missing, f"Dockerfile does not COPY {missing} (imported by serving/app.py)"
     for f in files:
-        assert copied_to(f) == "${LAMBDA_TASK_ROOT}/serving/", f
+        assert copied_to(f) == f"${{LAMBDA_TASK_ROOT}}/{f.split('/')[0]}/", f
+
+
+def test_the_handler_imports_only_core_and_serving() -> None:
+    """The image holds two folders; an import of any other project package would fail at cold start."""
+    outside = sorted(m for m in serving_imports("serving.app") if m.split(".")[0] not in IMAGE_PACKAGES)
+    assert not outside, f"serving.app imports {outside}, which the Lambda image does not hold"
 
 
 def test_model_files_are_copied_next_to_the_code() -> None:
     for name in ("model.onnx", "metadata.json"):
-        assert copied_to(f"serving/model/{name}") == "${LAMBDA_TASK_ROOT}/serving/model/"
+        assert copied_to(f"serving/model/{name}") == "${LAMBDA_TASK_ROOT}/serving/"  # with the folder
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in instructions() if k == "ENV")))
     assert env["MODEL_DIR"] == "${LAMBDA_TASK_ROOT}/serving/model"
 
@@ -191,6 +213,7 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
     ("path", "ignored"),
     [
         ("serving/app.py", False),
+        ("core/scoring.py", False),
         ("serving/requirements.txt", False),
         ("serving/model/model.onnx", False),
         ("serving/model/metadata.json", False),

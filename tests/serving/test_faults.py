@@ -18,8 +18,8 @@ import pytest
 from botocore.config import Config
 from PIL import Image
 
+from core.scoring import Scorer, overlay
 from serving.events import RequestLimits
-from serving.scoring import Scorer, overlay
 from serving.service import InferenceService
 from serving.storage import ResultStore
 from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v2_event

@@ -1,6 +1,6 @@
-"""``serving.local_server``: real HTTP on 127.0.0.1 → API Gateway v2 events → the Lambda handler.
+"""``tools.local_server``: real HTTP on 127.0.0.1 → API Gateway v2 events → the Lambda handler.
 
-The server runs as ``python -m serving.local_server`` in a subprocess (as a developer runs
+The server runs as ``python -m tools.local_server`` in a subprocess (as a developer runs
 it), with storage on the local moto endpoint; requests go through urllib.
 """
 
@@ -22,11 +22,11 @@ import boto3
 import pytest
 from PIL import Image
 
+from config.paths import REPO_ROOT as REPO
 from serving.events import parse_event
-from serving.local_server import build_event, match_route, spawn, to_http_response
 from tests.conftest import AWS_TEST_ENV
+from tools.local_server import build_event, match_route, spawn, to_http_response
 
-REPO = Path(__file__).resolve().parents[2]
 TABLE = "local-server-results"
 BUCKET = "local-server-results"
 

@@ -1,4 +1,4 @@
-"""The shared pre-processing (serving/preprocess.py): bit depth, modes, geometry, masks, inverse map.
+"""The shared pre-processing (core/preprocess.py): bit depth, modes, geometry, masks, inverse map.
 
 Torch-free and fast: these are the rules every stage and the Lambda apply, so each is pinned here
 on synthetic images whose correct answer is known by construction.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.preprocess import (
+from core.preprocess import (
     RESIZE_POLICIES,
     PreprocessError,
     check_policy,

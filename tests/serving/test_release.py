@@ -1,4 +1,4 @@
-"""``serving.release`` against a real local AWS endpoint and a real MLflow sqlite registry.
+"""``release.publish`` against a real local AWS endpoint and a real MLflow sqlite registry.
 
 ECR calls go over HTTP to moto's server. There is no Docker engine in the test
 environment, so ``docker`` is a fake executable on PATH that records its argv (and the
@@ -21,9 +21,9 @@ from typing import Any
 import boto3
 import pytest
 
-from serving import release
+from config.paths import REPO_ROOT as REPO
+from release import publish as release
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "visual-inspection"  # params.yaml registry.model_name
 
 
@@ -178,7 +178,7 @@ def test_dry_run_prints_commands_and_changes_nothing(
     env: Registry, promoted: Path, fake_docker: Path
 ) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "serving.release", "--dry-run", "--model-dir", str(promoted)],
+        [sys.executable, "-m", "release.publish", "--dry-run", "--model-dir", str(promoted)],
         cwd=REPO,
         env=os.environ.copy(),
         capture_output=True,
@@ -227,7 +227,7 @@ def test_dry_run_needs_no_aws_credentials_or_region(
         [
             sys.executable,
             "-m",
-            "serving.release",
+            "release.publish",
             "--dry-run",
             "--model-dir",
             str(promoted),

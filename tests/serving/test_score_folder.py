@@ -1,4 +1,4 @@
-"""``serving.score_folder``: offline batch scoring with the serving Scorer."""
+"""``tools.score_folder``: offline batch scoring with the serving Scorer."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serving.score_folder import CSV_FIELDS, main
-from serving.scoring import Scorer
-from tests.model_fixture import elpv_samples
-
-REPO = Path(__file__).resolve().parents[2]
+from config.paths import REPO_ROOT as REPO
+from core.scoring import Scorer
+from tools.score_folder import CSV_FIELDS, main
+from tools.tiny_model import elpv_samples
 
 
 @pytest.fixture
@@ -71,7 +70,7 @@ def test_cli_non_recursive_all_good(folder: Path, tmp_path: Path, serving_model_
     for bad in ("d_corrupt.png", "e_truncated.jpg"):
         (folder / bad).unlink()
     out = tmp_path / "out"
-    cli = [sys.executable, "-m", "serving.score_folder", str(folder), "--out", str(out)]
+    cli = [sys.executable, "-m", "tools.score_folder", str(folder), "--out", str(out)]
     proc = subprocess.run(
         [*cli, "--model-dir", str(serving_model_dir), "--no-overlays"],
         cwd=REPO,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.model_meta import ModelMetadataError, load_metadata
-from serving.scoring import Scorer, ScoringError, _to_2d_map, heat_colormap, overlay
+from core.contract import ModelMetadataError, load_metadata
+from core.scoring import Scorer, ScoringError, _to_2d_map, heat_colormap, overlay
 from tests.serving.conftest import elpv_image_bytes, image_bytes
 
 
@@ -186,7 +186,7 @@ def test_scorer_rejects_graph_metadata_mismatch(model_copy: Path) -> None:
 
 
 def test_unloadable_model_is_a_scoring_error(model_copy: Path) -> None:
-    from serving.model_meta import sha256_file
+    from core.files import sha256_file
 
     (model_copy / "model.onnx").write_bytes(b"not onnx")
     _edit(model_copy, model_sha256=sha256_file(model_copy / "model.onnx"))
@@ -203,9 +203,19 @@ def test_one_place_builds_onnx_runtime_sessions() -> None:
     repo = Path(__file__).resolve().parents[2]
     builders = sorted(
         path.relative_to(repo).as_posix()
-        for package in ("experiments", "registry", "serving", "benchmarks", "infra")
+        for package in (
+            "core",
+            "config",
+            "experiments",
+            "registry",
+            "serving",
+            "benchmarks",
+            "infra",
+            "release",
+            "tools",
+        )
         for path in (repo / package).rglob("*.py")
         if "InferenceSession(" in path.read_text(encoding="utf-8")
         or "SessionOptions(" in path.read_text(encoding="utf-8")
     )
-    assert builders == ["serving/scoring.py"], builders
+    assert builders == ["core/scoring.py"], builders

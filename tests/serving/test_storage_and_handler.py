@@ -16,15 +16,14 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from PIL import Image
 
-from serving.answer import analyse, confidence, mask_png
+from config.paths import REPO_ROOT as REPO
+from core.answer import analyse, confidence, mask_png
+from core.scoring import Scorer, overlay
 from serving.events import RequestLimits
-from serving.local_server import LocalContext
-from serving.scoring import Scorer, overlay
 from serving.service import InferenceService
 from serving.storage import ResultRecord, ResultStore, StorageError, create_resources
 from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v1_event, v2_event
-
-REPO = Path(__file__).resolve().parents[2]
+from tools.local_server import LocalContext
 
 
 def _objects() -> dict[str, bytes]:

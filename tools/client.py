@@ -1,6 +1,6 @@
 """Camera client for the deployed API: upload an image, signed with AWS SigV4 (the API's IAM auth).
 
-``python -m serving.client part.png --camera cam-1 --url https://<api>.execute-api.<region>.amazonaws.com/<stage>``
+``python -m tools.client part.png --camera cam-1 --url https://<api>.execute-api.<region>.amazonaws.com/<stage>``
 
 Credentials come from the standard AWS chain (environment, profile, instance/IoT role); the
 identity needs the stack's ``CameraInvokePolicy``. Every attempt is signed afresh, and retries (on
@@ -139,7 +139,7 @@ def _json(raw: bytes) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: prints the API's JSON answer; 0 on 2xx, 1 otherwise, 2 on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
     parser.add_argument("image", type=Path)
     parser.add_argument("--url", required=True, help="the stack's ApiUrl output (…/<stage>/)")
     parser.add_argument("--camera", required=True, help="camera id (letters, digits, . _ : -)")

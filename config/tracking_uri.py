@@ -1,7 +1,7 @@
-"""The one place that decides which MLflow store the project uses (``python -m serving.mlflow_uri``).
+"""The one place that decides which MLflow store the project uses (``python -m config.tracking_uri``).
 
 Why here: the training side (``experiments.tracking``, ``registry.mlflow_client``, benchmarks, tests)
-and the release tool (``serving.release``) must resolve the same store, and ``serving/`` may not import
+and the release tool (``release.publish``) must resolve the same store, and ``serving/`` may not import
 ``experiments/`` or ``registry/``; this module is stdlib-only, so every side can import it. It is not
 copied into the Lambda image (the Dockerfile lists the handler's files).
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from config.paths import REPO_ROOT
+
 DEFAULT_DB = REPO_ROOT / "mlflow.db"
 ENV = "MLFLOW_TRACKING_URI"
 

@@ -18,8 +18,8 @@ Compose-free: everything is a local process this script starts and stops.
 
 Usage (``make mlflow-server`` runs the first line)::
 
-    python scripts/mlflow_server.py --local-s3                       # everything local, port 5000
-    python scripts/mlflow_server.py --artifacts-destination s3://team-bucket/mlflow \\
+    python -m tools.mlflow_server --local-s3                       # everything local, port 5000
+    python -m tools.mlflow_server --artifacts-destination s3://team-bucket/mlflow \\
         --backend-store-uri postgresql://mlflow:pw@db:5432/mlflow \\
         --host 0.0.0.0 --allowed-hosts 'mlflow.example:5000'
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000                   # then dvc repro / select / promote

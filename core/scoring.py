@@ -3,7 +3,7 @@
 The ONNX graph already contains anomalib's pre-processing (resize + the backbone's input normalisation)
 and post-processing (min-max normalisation so that ``threshold`` is 0.5 and the anomaly map
 is in [0, 1]); see ``docs/contracts.md`` section 5. Serving feeds it ``float32[1, 3, H, W]``
-RGB in [0, 1] made by :func:`serving.preprocess.model_input` - the same function that wrote the
+RGB in [0, 1] made by :func:`core.preprocess.model_input` - the same function that wrote the
 training images - with the resize policy and bit-depth rule recorded in ``metadata.json``.
 Only numpy, Pillow and ONNX Runtime are used so the Lambda image stays small and torch-free.
 """
@@ -21,8 +21,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from serving.model_meta import ModelMetadata, load_metadata
-from serving.preprocess import map_to_original, model_input, to_rgb8
+from core.contract import ModelMetadata, load_metadata
+from core.preprocess import map_to_original, model_input, to_rgb8
 
 
 class ScoringError(RuntimeError):
@@ -148,7 +148,7 @@ class Scorer:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """The shared pre-processing (bit depth, ``metadata.input.geometry``) -> ``float32[1,3,H,W]``.
 
-        Raises :class:`serving.preprocess.PreprocessError` (a ``ValueError``) for an image mode
+        Raises :class:`core.preprocess.PreprocessError` (a ``ValueError``) for an image mode
         or pixel range the rule does not cover.
         """
         spec = self.metadata.input

@@ -1,6 +1,6 @@
 """Release the promoted model as a Lambda container image in ECR.
 
-``python -m serving.release [--dry-run] [--repository NAME] [--region REGION]``
+``python -m release.publish [--dry-run] [--repository NAME] [--region REGION]``
 
 A release must ship exactly the model the registry calls champion: before anything is
 built, ``serving/model/metadata.json`` is validated (schema, model sha256) and compared
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.mlflow_uri import tracking_uri as resolved_tracking_uri
-from serving.model_meta import ModelMetadata, ModelMetadataError, load_metadata, sha256_file
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from config.paths import REPO_ROOT
+from config.tracking_uri import tracking_uri as resolved_tracking_uri
+from core.contract import ModelMetadata, ModelMetadataError, load_metadata
+from core.files import sha256_file
 
 
 class ReleaseError(RuntimeError):
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 released, 2 refused by a check (nothing pushed), 1 AWS/Docker failure."""
     params = read_params()
     registry = params.get("registry", {})
-    parser = argparse.ArgumentParser(prog="python -m serving.release", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m release.publish", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="check and print every step only")
     parser.add_argument("--repository", default=registry.get("model_name", "visual-inspection"))
     parser.add_argument("--region", default=None, help="AWS region (default: AWS_REGION / AWS config)")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from infra.config import ConfigError, load_stage, parse_context
     from infra.deploy import DeployError, deploy_steps, with_image
 
-    tracking_uri = resolved_tracking_uri()  # the training side's rule (serving.mlflow_uri)
+    tracking_uri = resolved_tracking_uri()  # the training side's rule (config.tracking_uri)
     try:
         # The stage's knobs are checked before anything is built: a bad one costs no build.
         context = {"ecr_repository": args.repository, **parse_context(args.context)}

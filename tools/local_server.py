@@ -1,6 +1,6 @@
 """Serve the Lambda handler over local HTTP, translating requests the way API Gateway does.
 
-``python -m serving.local_server --port 8080 [--host 127.0.0.1] [--local-aws]``
+``python -m tools.local_server --port 8080 [--host 127.0.0.1] [--local-aws]``
 
 Each HTTP request becomes an API Gateway HTTP API (payload format 2.0) event, built as the
 real service builds it: ``rawPath``/``rawQueryString``, lower-cased headers (repeated ones
@@ -313,7 +313,7 @@ def start_local_aws() -> Any:
 
 @dataclass
 class ServerProcess:
-    """A running ``python -m serving.local_server`` child (see :func:`spawn`)."""
+    """A running ``python -m tools.local_server`` child (see :func:`spawn`)."""
 
     url: str
     process: subprocess.Popen[bytes]
@@ -337,7 +337,7 @@ def spawn(
     terminated (then killed) on exit.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", "--host", "127.0.0.1", "--port", "0", *args],
+        [sys.executable, "-m", "tools.local_server", "--host", "127.0.0.1", "--port", "0", *args],
         cwd=cwd,
         env=dict(env) if env is not None else None,
         stdout=subprocess.PIPE,
@@ -381,9 +381,7 @@ def spawn(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: load the handler (and the model) once, then serve until interrupted."""
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.local_server", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tools.local_server", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed on stdout)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--local-aws", action="store_true", help="start moto and create table + bucket")

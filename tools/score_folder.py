@@ -1,8 +1,8 @@
 """Score every image in a folder offline with the serving model.
 
-``python -m serving.score_folder IN_DIR --out OUT_DIR [--model-dir DIR] [--recursive] [--no-overlays]``
+``python -m tools.score_folder IN_DIR --out OUT_DIR [--model-dir DIR] [--recursive] [--no-overlays]``
 
-Uses the same :class:`serving.scoring.Scorer` as the Lambda, so offline scores are the ones
+Uses the same :class:`core.scoring.Scorer` as the Lambda, so offline scores are the ones
 production would give (same model file, same pre-processing, same threshold). Writes
 ``OUT_DIR/results.csv`` with one row per image — ``file, score, is_anomalous, threshold,
 model_version, overlay, error`` — and heat-map overlays under ``OUT_DIR/overlays/``. A file
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from serving.model_meta import ModelMetadataError
-from serving.scoring import Scorer, ScoringError, overlay
+from core.contract import ModelMetadataError
+from core.scoring import Scorer, ScoringError, overlay
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 CSV_FIELDS = ("file", "score", "is_anomalous", "threshold", "model_version", "overlay", "error")
@@ -134,9 +134,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see the module docstring for the exit codes)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.score_folder", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tools.score_folder", description=__doc__.splitlines()[0])
     parser.add_argument("in_dir", type=Path, help="folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.csv, overlays/)")
     parser.add_argument(

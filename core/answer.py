@@ -1,6 +1,6 @@
 """The answer beyond the score: confidence, anomaly mask, anomalous area and regions.
 
-Works only on what :class:`serving.scoring.ScoreResult` already has (``anomaly_map`` in [0, 1]
+Works only on what :class:`core.scoring.ScoreResult` already has (``anomaly_map`` in [0, 1]
 at the model's input size, ``score``) plus the decision threshold in force, so it does not
 depend on how the image was pre-processed. Pure numpy + Pillow (no scipy/OpenCV in the image).
 

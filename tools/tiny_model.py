@@ -20,7 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from serving.model_meta import SCHEMA_VERSION, input_block, sha256_file
+from core.contract import SCHEMA_VERSION, input_block
+from core.files import sha256_file
 
 N_NORMAL = 16
 N_DEFECT = 8
@@ -178,7 +179,7 @@ def tiny_split_dataset(root: Path) -> Path:
     return root
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.model_fixture OUT_DIR
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m tools.tiny_model OUT_DIR
     import sys
 
     print(build_tiny_model(Path(sys.argv[1] if len(sys.argv) > 1 else "build/tiny-model")))

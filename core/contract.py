@@ -6,7 +6,7 @@ wrong scores. Validation therefore happens once, at cold start, with errors that
 the file and the field at fault.
 
 Version 2 adds ``input.geometry`` (the resize policy: letterbox, stretch or center_crop) and
-``input.bit_depth`` (how integer pixels become [0, 1]; see :mod:`serving.preprocess`). The bump
+``input.bit_depth`` (how integer pixels become [0, 1]; see :mod:`core.preprocess`). The bump
 is what makes an *older* serving build refuse a model whose pixels it would prepare wrongly.
 Version 1 files are still read: they were written when serving always stretched and knew no
 other rule, so they mean ``geometry: stretch``.
@@ -15,14 +15,14 @@ other rule, so they mean ``geometry: stretch``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.preprocess import BIT_DEPTH_RULE, DEFAULT_RESIZE, PreprocessError, check_policy
+from core.files import sha256_file
+from core.preprocess import BIT_DEPTH_RULE, DEFAULT_RESIZE, PreprocessError, check_policy
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -86,15 +86,6 @@ def input_block(name: str, height: int, width: int, geometry: str = DEFAULT_RESI
         "geometry": check_policy(geometry, "input.geometry"),
         "bit_depth": BIT_DEPTH_RULE,
     }
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed so large models do not need to fit in memory twice."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

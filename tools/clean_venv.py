@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from config.paths import REPO_ROOT as REPO
+
 SERVING_REQUIREMENTS = REPO / "serving" / "requirements.txt"
 CACHE = REPO / ".cache"
 
