@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -55,9 +56,13 @@ class StageConfig:
     reserved_concurrency: int | None = 10
     provisioned_concurrency: int = 0
     max_body_bytes: int = 4_500_000
-    throttle_rate: float = 20
-    throttle_burst: int = 40
+    # None = derived from reserved_concurrency and request_latency_ms (see stage_throttle).
+    throttle_rate: float | None = None
+    throttle_burst: int | None = None
+    request_latency_ms: float = 600
+    throttle_safety_factor: float = 0.8
     log_retention_days: int = 30
+    access_log_retention_days: int = 365
     retention_days: int | None = None
     store_original: bool = False
     require_camera_id: bool = True
@@ -65,8 +70,11 @@ class StageConfig:
     retain_data: bool = True
     alarm_email: str | None = None
     alarm_5xx_rate: float = 0.05
+    alarm_5xx_min_requests: int = 20
     alarm_p95_latency_ms: float = 3000
     alarm_throttles: int = 1
+    termination_protection: bool = False
+    api_cloudwatch_role: bool = True
 
     @property
     def stack_name(self) -> str:
@@ -82,6 +90,27 @@ class StageConfig:
     def docker_platform(self) -> str:
         """The ``docker build --platform`` matching the function's architecture."""
         return "linux/arm64" if self.architecture == "arm64" else "linux/amd64"
+
+    @property
+    def stage_throttle(self) -> tuple[float, int]:
+        """``(rate per second, burst)`` for the API stage, so overload is answered 429 by API Gateway.
+
+        Why derived: Lambda answers requests beyond ``reserved_concurrency`` with a throttle, which
+        API Gateway turns into a 500 (an error to page on, and retried by clients as a fault). The
+        function serves at most ``reserved_concurrency / latency`` requests a second, so the stage
+        admits ``safety_factor`` of that (rate) and no more simultaneous requests than there are
+        instances (burst); the excess is API Gateway's 429, which callers know to slow down for.
+        An explicit ``throttle_rate``/``throttle_burst`` overrides (it may only be lower, see
+        :meth:`validate`); without reserved concurrency there is nothing to derive from.
+        """
+        reserved = self.reserved_concurrency
+        if reserved is None:
+            return float(self.throttle_rate or 0), int(self.throttle_burst or 0)
+        capacity = reserved / (self.request_latency_ms / 1000)
+        derived_rate = max(1.0, math.floor(capacity * self.throttle_safety_factor * 10) / 10)
+        rate = self.throttle_rate if self.throttle_rate is not None else derived_rate
+        burst = self.throttle_burst if self.throttle_burst is not None else reserved
+        return float(rate), int(burst)
 
     def validate(self, *, require_image: bool = True) -> StageConfig:
         """Raise :class:`ConfigError` for the first invalid knob; return ``self`` when all are fine."""
@@ -113,12 +142,16 @@ class StageConfig:
                 f"{self.reserved_concurrency}: raise reserved_concurrency or lower provisioned_concurrency"
             )
         _in_range("max_body_bytes", self.max_body_bytes, 1024, MAX_DELIVERABLE_BODY_BYTES)
-        _in_range("throttle_rate", self.throttle_rate, 1, 10000)
-        _in_range("throttle_burst", self.throttle_burst, 1, 5000)
-        if self.log_retention_days not in LOG_RETENTION_DAYS:
-            raise ConfigError(
-                f"log_retention_days {self.log_retention_days}: CloudWatch accepts {LOG_RETENTION_DAYS}"
-            )
+        _in_range("request_latency_ms", self.request_latency_ms, 1, 29000)
+        _in_range("throttle_safety_factor", self.throttle_safety_factor, 0.1, 1)
+        if self.throttle_rate is not None:
+            _in_range("throttle_rate", self.throttle_rate, 1, 10000)
+        if self.throttle_burst is not None:
+            _in_range("throttle_burst", self.throttle_burst, 1, 5000)
+        self._validate_throttle()
+        for key in ("log_retention_days", "access_log_retention_days"):
+            if getattr(self, key) not in LOG_RETENTION_DAYS:
+                raise ConfigError(f"{key} {getattr(self, key)}: CloudWatch accepts {LOG_RETENTION_DAYS}")
         if self.retention_days is not None:
             _in_range("retention_days", self.retention_days, 1, 36500)
         if not re.match(r"^([A-Za-z0-9._-]+/)+$", self.results_prefix):
@@ -129,9 +162,33 @@ class StageConfig:
         if self.alarm_email is not None and not EMAIL_RE.match(self.alarm_email):
             raise ConfigError(f"alarm_email {self.alarm_email!r} is not an e-mail address")
         _in_range("alarm_5xx_rate", self.alarm_5xx_rate, 0.0001, 1)
+        _in_range("alarm_5xx_min_requests", self.alarm_5xx_min_requests, 1, 1_000_000)
         _in_range("alarm_p95_latency_ms", self.alarm_p95_latency_ms, 1, 29000)
         _in_range("alarm_throttles", self.alarm_throttles, 1, 1_000_000)
         return self
+
+    def _validate_throttle(self) -> None:
+        """An override may throttle harder than derived, never admit more than the function serves."""
+        reserved = self.reserved_concurrency
+        if reserved is None:
+            if self.throttle_rate is None or self.throttle_burst is None:
+                raise ConfigError(
+                    "reserved_concurrency is null, so the stage throttle cannot be derived: set "
+                    "throttle_rate and throttle_burst (requests/s the account's concurrency serves)"
+                )
+            return
+        capacity = reserved / (self.request_latency_ms / 1000)
+        if self.throttle_rate is not None and self.throttle_rate > capacity:
+            raise ConfigError(
+                f"throttle_rate {self.throttle_rate:g} exceeds what reserved_concurrency {reserved} serves "
+                f"at request_latency_ms {self.request_latency_ms:g} ({capacity:.1f}/s): the excess would be "
+                "Lambda throttles answered 500; lower it or use null (derived)"
+            )
+        if self.throttle_burst is not None and self.throttle_burst > reserved:
+            raise ConfigError(
+                f"throttle_burst {self.throttle_burst} exceeds reserved_concurrency {reserved}: the excess "
+                "would be Lambda throttles answered 500; lower it or use null (= reserved_concurrency)"
+            )
 
 
 def _in_range(name: str, value: float, low: float, high: float) -> None:
@@ -140,6 +197,11 @@ def _in_range(name: str, value: float, low: float, high: float) -> None:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(StageConfig)}
+
+
+def knob_names() -> list[str]:
+    """Every key a context or ``params.yaml: deploy`` section may set."""
+    return sorted(name for name in _FIELD_TYPES if name != "stage")
 
 
 def _coerce(name: str, value: Any) -> Any:

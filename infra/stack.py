@@ -11,10 +11,17 @@ What is shared with ``serving/`` is imported, never restated, so the stack follo
 
 Design decisions (see README, *Deploy to AWS*):
 
-* **Auth: IAM (SigV4) on every method** of a REST API. Cameras sign requests with AWS credentials
-  that carry the stack's ``CameraInvokePolicy`` (execute-api:Invoke on exactly these routes).
+* **Auth: IAM (SigV4) on every method** of a REST API. A camera is an IAM user at
+  :data:`serving.identity.CAMERA_PATH` named by its camera id (``python -m infra.cameras add``); the
+  ``CameraWriterPolicy`` lets such a user ``POST`` to ``cameras/${aws:username}/images`` only, so a
+  camera's key cannot upload as another camera (the handler checks the same binding). Reading
+  results is a separate ``ResultsReaderPolicy`` for people and services, never for cameras.
   REST rather than HTTP API because it has explicit binary media types and per-method stage
   throttling settings, and hands the handler the v1 events it already parses; both cost nothing idle.
+* **Attribution:** API Gateway writes one JSON access-log line per request (request id, caller ARN,
+  access key, source IP, route, status, latency) to its own log group (``access_log_retention_days``).
+* **Overload is 429:** the stage throttle is derived from reserved concurrency
+  (``StageConfig.stage_throttle``), so API Gateway refuses the excess before Lambda throttles it.
 * The image is referenced in ECR by tag or digest (``DockerImageCode.from_ecr``): synth never builds.
 * The stack needs no CDK bootstrap (``BootstraplessSynthesizer``: no assets), so the template can be
   deployed by plain CloudFormation (``infra.deploy``) without ``cdk bootstrap``.
@@ -41,8 +48,10 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subs
 from constructs import Construct
 
+from infra.cameras import CAMERA_WRITER_POLICY_ID
 from infra.config import StageConfig
-from serving.routes import ROUTES
+from serving.identity import CAMERA_PATH
+from serving.routes import ROUTES, SCORE_ROUTE
 from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
 
 # Where the Dockerfile puts the promoted model (${LAMBDA_TASK_ROOT}/serving/model).
@@ -53,6 +62,34 @@ BINARY_MEDIA_TYPES = ("image/jpeg", "image/jpg", "image/png")
 # within days), and a record must never point at an object lifecycle already removed.
 S3_EXPIRY_GRACE_DAYS = 7
 
+# One access-log line per request, as JSON (CloudWatch Logs Insights parses it). Who: the caller's ARN
+# (for a camera: .../user/visual-inspection/cameras/<camera id>), its access key and source IP; what:
+# method, route (resourcePath) and path; outcome: status, latencies, API Gateway's error message.
+# Numeric fields are unquoted so Insights can filter ``status >= 500`` or sort by latency.
+ACCESS_LOG_FIELDS: dict[str, str] = {
+    "requestId": "$context.requestId",
+    "extendedRequestId": "$context.extendedRequestId",
+    "requestTime": "$context.requestTimeEpoch",
+    "caller": "$context.identity.caller",
+    "user": "$context.identity.user",
+    "userArn": "$context.identity.userArn",
+    "accessKey": "$context.identity.accessKey",
+    "sourceIp": "$context.identity.sourceIp",
+    "userAgent": "$context.identity.userAgent",
+    "httpMethod": "$context.httpMethod",
+    "resourcePath": "$context.resourcePath",
+    "path": "$context.path",
+    "status": "$context.status",
+    "responseLength": "$context.responseLength",
+    "responseLatency": "$context.responseLatency",
+    "integrationLatency": "$context.integrationLatency",
+    "integrationStatus": "$context.integrationStatus",
+    "errorMessage": "$context.error.message",
+}
+_NUMERIC_LOG_FIELDS = frozenset({"requestTime", "status", "responseLength", "responseLatency"})
+# The IAM policy variable that names the signing IAM user; API Gateway's resource ARN holds the path.
+USERNAME_VARIABLE = "${aws:username}"
+
 _ATTRIBUTE_TYPES = {
     "S": dynamodb.AttributeType.STRING,
     "N": dynamodb.AttributeType.NUMBER,
@@ -60,9 +97,21 @@ _ATTRIBUTE_TYPES = {
 }
 
 
-def route_path_pattern(template: str) -> str:
-    """``/cameras/{camera_id}/images`` → ``/cameras/*/images`` (an execute-api ARN path)."""
-    return re.sub(r"\{[^/}]+\}", "*", template)
+def route_path_pattern(template: str, bind: dict[str, str] | None = None) -> str:
+    """``/cameras/{camera_id}/images`` → ``/cameras/*/images`` (an execute-api ARN path).
+
+    ``bind`` replaces named parameters instead of ``*`` (``{"camera_id": "${aws:username}"}``).
+    """
+    return re.sub(r"\{([^/}]+)\}", lambda m: (bind or {}).get(m.group(1), "*"), template)
+
+
+def access_log_format(fields: dict[str, str] = ACCESS_LOG_FIELDS) -> str:
+    """The access-log line template: a JSON object, numbers unquoted (API Gateway fills ``$context``)."""
+    parts = [
+        f'"{name}":{value}' if name in _NUMERIC_LOG_FIELDS else f'"{name}":"{value}"'
+        for name, value in fields.items()
+    ]
+    return "{" + ",".join(parts) + "}"
 
 
 def table_keys(schema: dict[str, Any] = TABLE_SCHEMA) -> dict[str, Any]:
@@ -106,6 +155,7 @@ class InspectionStack(cdk.Stack):
             description=f"visual-inspection {config.stage}: API Gateway (IAM) -> Lambda (ONNX) -> "
             "DynamoDB + S3",
             synthesizer=cdk.BootstraplessSynthesizer(),
+            termination_protection=config.termination_protection,
             **kwargs,
         )
         self.config = config
@@ -125,11 +175,17 @@ class InspectionStack(cdk.Stack):
         log_cfn = self.log_group.node.default_child
         assert isinstance(log_cfn, logs.CfnLogGroup)
         log_cfn.retention_in_days = config.log_retention_days
+        self.access_logs = logs.LogGroup(
+            self, "ApiAccessLogs", retention=logs.RetentionDays.INFINITE, removal_policy=removal
+        )
+        access_cfn = self.access_logs.node.default_child
+        assert isinstance(access_cfn, logs.CfnLogGroup)
+        access_cfn.retention_in_days = config.access_log_retention_days
         self.role = self._role()
         self.function, self.alias = self._function()
         self.api = self._api()
-        self.camera_policy = self._camera_policy()
-        self._alarms_and_dashboard()
+        self.writer_policy, self.reader_policy = self._camera_policies()
+        self.alarm_topic = self._alarms_and_dashboard()
 
         self._output("ApiUrl", self.api.url, "base URL of the stage (append a route)")
         for method, template in ROUTES:
@@ -139,7 +195,16 @@ class InspectionStack(cdk.Stack):
         self._output("ResultsTable", self.table.table_name, "DynamoDB table of results")
         self._output("ResultsBucket", self.bucket.bucket_name, "S3 bucket of overlays")
         self._output("FunctionName", self.function.function_name, "Lambda function")
-        self._output("CameraPolicyArn", self.camera_policy.managed_policy_arn, "attach to camera identities")
+        self._output(
+            "CameraWriterPolicyArn",
+            self.writer_policy.managed_policy_arn,
+            f"attached to camera users at {CAMERA_PATH} by `python -m infra.cameras add`",
+        )
+        self._output(
+            "ResultsReaderPolicyArn", self.reader_policy.managed_policy_arn, "attach to who reads results"
+        )
+        self._output("AccessLogGroup", self.access_logs.log_group_name, "API access log (who called what)")
+        self._output("AlarmTopicArn", self.alarm_topic.topic_arn, "subscribe whoever answers alarms")
         self._output("Image", config.image_reference, "ECR tag or digest the function runs")
 
     # -- data -------------------------------------------------------------------------------
@@ -294,11 +359,16 @@ class InspectionStack(cdk.Stack):
             description="Camera uploads; every method requires SigV4 (IAM) signatures",
             binary_media_types=list(BINARY_MEDIA_TYPES),
             endpoint_types=[apigw.EndpointType.REGIONAL],
-            cloud_watch_role=False,  # account-wide setting; not this stack's to change
+            # Access logging needs the account-wide API Gateway → CloudWatch Logs role; the knob
+            # creates it (kept on stack deletion: another stage's logging depends on it too).
+            cloud_watch_role=c.api_cloudwatch_role,
+            cloud_watch_role_removal_policy=cdk.RemovalPolicy.RETAIN if c.api_cloudwatch_role else None,
             deploy_options=apigw.StageOptions(
                 stage_name=c.stage,
-                throttling_rate_limit=c.throttle_rate,
-                throttling_burst_limit=c.throttle_burst,
+                throttling_rate_limit=c.stage_throttle[0],
+                throttling_burst_limit=c.stage_throttle[1],
+                access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
+                access_log_format=apigw.AccessLogFormat.custom(access_log_format()),
             ),
             default_method_options=apigw.MethodOptions(authorization_type=apigw.AuthorizationType.IAM),
         )
@@ -308,28 +378,73 @@ class InspectionStack(cdk.Stack):
             resource.add_method(method, integration, authorization_type=apigw.AuthorizationType.IAM)
         return api
 
-    def _camera_policy(self) -> iam.ManagedPolicy:
-        """What a camera's IAM user/role needs: invoke these routes of this stage, nothing else."""
-        return iam.ManagedPolicy(
+    def _camera_policies(self) -> tuple[iam.ManagedPolicy, iam.ManagedPolicy]:
+        """Writer: a camera user posts images for its own camera id only. Reader: the GET routes.
+
+        ``${aws:username}`` is the signing IAM user's name, which the provisioning command makes the
+        camera id, and the condition limits the grant to users under the camera path, so the policy
+        attached anywhere else grants nothing.
+        """
+        stage = self.config.stage
+        method, template = SCORE_ROUTE
+        own_images = route_path_pattern(template, {"camera_id": USERNAME_VARIABLE})
+        writer = iam.ManagedPolicy(
             self,
-            "CameraInvokePolicy",
-            description=f"Invoke the visual-inspection {self.config.stage} API routes",
+            CAMERA_WRITER_POLICY_ID,
+            description=f"visual-inspection {stage}: a camera user uploads images as its own camera id",
             statements=[
                 iam.PolicyStatement(
+                    sid="PostOwnCameraImages",
+                    actions=["execute-api:Invoke"],
+                    resources=[self.api.arn_for_execute_api(method, own_images, stage)],
+                    conditions={
+                        "ArnLike": {
+                            "aws:PrincipalArn": f"arn:{self.partition}:iam::{self.account}:user{CAMERA_PATH}*"
+                        }
+                    },
+                )
+            ],
+        )
+        reader = iam.ManagedPolicy(
+            self,
+            "ResultsReaderPolicy",
+            description=f"visual-inspection {stage}: read results (GET routes); not for cameras",
+            statements=[
+                iam.PolicyStatement(
+                    sid="ReadResults",
                     actions=["execute-api:Invoke"],
                     resources=[
-                        self.api.arn_for_execute_api(method, route_path_pattern(template), self.config.stage)
-                        for method, template in ROUTES
+                        self.api.arn_for_execute_api(verb, route_path_pattern(path), stage)
+                        for verb, path in ROUTES
+                        if verb == "GET"
                     ],
                 )
             ],
         )
+        # A fixed logical id: the provisioning command finds the writer policy by it in the stack.
+        writer_cfn = writer.node.default_child
+        assert isinstance(writer_cfn, iam.CfnManagedPolicy)
+        writer_cfn.override_logical_id(CAMERA_WRITER_POLICY_ID)
+        return writer, reader
 
     # -- operations -------------------------------------------------------------------------
-    def _alarms_and_dashboard(self) -> None:
+    def _alarms_and_dashboard(self) -> sns.Topic:
+        """Alarms that notify a topic that always exists (e-mail optional), and the dashboard.
+
+        The 5xx alarm is a rate only over a period with at least ``alarm_5xx_min_requests``
+        requests: one failed request in a quiet five minutes is a 100 % rate, not an outage.
+        """
         c = self.config
         period = cdk.Duration.minutes(5)
-        server_errors = self.api.metric_server_error(period=period, statistic="Average", label="5xx rate")
+        server_errors = cw.MathExpression(
+            expression=f"IF(requests >= {c.alarm_5xx_min_requests}, FILL(errors, 0) / requests, 0)",
+            using_metrics={
+                "requests": self.api.metric_count(period=period, statistic="Sum"),
+                "errors": self.api.metric_server_error(period=period, statistic="Sum"),
+            },
+            period=period,
+            label=f"5xx rate (periods with >= {c.alarm_5xx_min_requests} requests)",
+        )
         latency_p95 = self.api.metric_latency(period=period, statistic="p95", label="p95 latency (ms)")
         throttles = self.function.metric_throttles(period=period, statistic="Sum", label="Lambda throttles")
         above, at_least = (
@@ -339,7 +454,8 @@ class InspectionStack(cdk.Stack):
         # (id, metric, threshold, 5-minute periods, comparison, what it means to the person paged)
         specs = [
             ("Api5xxRate", server_errors, c.alarm_5xx_rate, 1, above,
-             f"more than {c.alarm_5xx_rate:.1%} of requests answered 5xx in 5 minutes"),
+             f"more than {c.alarm_5xx_rate:.1%} of requests answered 5xx in 5 minutes "
+             f"(with at least {c.alarm_5xx_min_requests} requests)"),
             ("ApiLatencyP95", latency_p95, c.alarm_p95_latency_ms, 2, above,
              f"p95 latency above {c.alarm_p95_latency_ms:g} ms for 10 minutes"),
             ("FunctionThrottles", throttles, c.alarm_throttles, 1, at_least,
@@ -358,11 +474,12 @@ class InspectionStack(cdk.Stack):
             )
             for alarm_id, metric, threshold, periods, comparison, description in specs
         ]
+        topic = sns.Topic(self, "AlarmTopic", display_name=f"{c.stack_name} alarms", enforce_ssl=True)
         if c.alarm_email:
-            topic = sns.Topic(self, "AlarmTopic", display_name=f"{c.stack_name} alarms")
             topic.add_subscription(subs.EmailSubscription(c.alarm_email))
-            for alarm in alarms:
-                alarm.add_alarm_action(cw_actions.SnsAction(topic))
+        for alarm in alarms:
+            alarm.add_alarm_action(cw_actions.SnsAction(topic))
+            alarm.add_ok_action(cw_actions.SnsAction(topic))
 
         dashboard = cw.Dashboard(self, "Dashboard", dashboard_name=c.stack_name)
         dashboard.add_widgets(
@@ -392,6 +509,7 @@ class InspectionStack(cdk.Stack):
             ),
         )
         dashboard.add_widgets(cw.AlarmStatusWidget(title="Alarms", alarms=alarms, width=24))
+        return topic
 
     def _output(self, name: str, value: str, description: str) -> None:
         cdk.CfnOutput(self, name, value=value, description=description or None)

@@ -24,6 +24,8 @@ MOTO_UNSUPPORTED_TYPES = frozenset(
         "AWS::ApiGateway::Stage",
         "AWS::CloudWatch::Alarm",
         "AWS::SNS::Subscription",
+        "AWS::SNS::TopicPolicy",
+        "AWS::ApiGateway::Account",
     }
 )
 

@@ -25,7 +25,8 @@ class Synth:
 @pytest.fixture(scope="session")
 def synth() -> Synth:
     """Every stage of params.yaml with its defaults, plus ``full``: every optional feature on
-    (retention/TTL, alarm e-mail, provisioned concurrency, arm64, originals kept, other prefix)."""
+    (retention/TTL, alarm e-mail, provisioned concurrency, arm64, originals kept, other prefix,
+    explicit throttle, no account logging role)."""
     import shutil
 
     if shutil.which("node") is None:  # jsii runs the CDK's JavaScript in Node.js
@@ -45,5 +46,11 @@ def synth() -> Synth:
         store_original=True,
         results_prefix="inspections/line-1/",
         retain_data=True,
+        throttle_rate=2.5,  # explicit overrides, lower than derived (4 / 0.6 s x 0.8 = 5.3/s, burst 4)
+        throttle_burst=3,
+        alarm_5xx_min_requests=7,
+        access_log_retention_days=731,
+        api_cloudwatch_role=False,  # the account already has API Gateway's logging role
+        termination_protection=True,
     ).validate()
     return Synth(configs, synth_templates(list(configs.values())))

@@ -26,10 +26,13 @@ def test_every_stage_loads_and_context_overrides_params() -> None:
         "architecture": "arm64",
         "store_original": "true",
         "reserved_concurrency": "null",
+        "throttle_rate": "30",  # without reserved concurrency there is nothing to derive from
+        "throttle_burst": "10",
     }
     tuned = load_stage("prod", context)
     assert (tuned.memory_mb, tuned.architecture, tuned.store_original) == (4096, "arm64", True)
     assert tuned.reserved_concurrency is None
+    assert tuned.stage_throttle == (30.0, 10)
     assert tuned.docker_platform == "linux/arm64"
 
 
@@ -59,12 +62,35 @@ def test_payload_limit_fits_what_api_gateway_can_hand_to_lambda() -> None:
         ({"image_tag": "t", "alarm_email": "nobody"}, "not an e-mail address"),
         ({"image_tag": "t", "store_original": "maybe"}, "expected bool"),
         ({"image_tag": "t", "memroy_mb": "1"}, "memroy_mb: unknown knob"),
+        ({"image_tag": "t", "throttle_rate": "100"}, "throttle_rate 100 exceeds what reserved_concurrency 5"),
+        ({"image_tag": "t", "throttle_burst": "6"}, "throttle_burst 6 exceeds reserved_concurrency 5"),
+        ({"image_tag": "t", "reserved_concurrency": "null"}, "stage throttle cannot be derived"),
+        ({"image_tag": "t", "throttle_safety_factor": "1.5"}, "throttle_safety_factor 1.5"),
+        ({"image_tag": "t", "access_log_retention_days": "2"}, "access_log_retention_days 2: CloudWatch"),
+        ({"image_tag": "t", "termination_protection": "sure"}, "expected bool"),
     ],
 )
 def test_bad_knobs_are_one_line_naming_the_fix(context: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as refused:
         load_stage("dev", context)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_stage_throttle_is_what_the_reserved_instances_serve() -> None:
+    """Overload must be API Gateway's 429: rate = reserved / latency x safety, burst = reserved."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["deploy"]
+    assert params["defaults"]["throttle_rate"] is None and params["defaults"]["throttle_burst"] is None
+    dev, prod = (load_stage(stage, {"image_tag": "t"}) for stage in ("dev", "prod"))
+    assert dev.request_latency_ms == prod.request_latency_ms == params["defaults"]["request_latency_ms"]
+    assert (dev.reserved_concurrency, dev.stage_throttle) == (5, (6.6, 5))  # 5 / 0.6 s x 0.8 = 6.67
+    assert (prod.reserved_concurrency, prod.stage_throttle) == (50, (66.6, 50))
+    slower = load_stage("prod", {"image_tag": "t", "request_latency_ms": "2000"})
+    assert slower.stage_throttle == (20.0, 50)  # 50 / 2 s x 0.8
+    lower = load_stage("dev", {"image_tag": "t", "throttle_rate": "2", "throttle_burst": "3"})
+    assert lower.stage_throttle == (2.0, 3)  # an override may throttle harder
+    tiny = load_stage("dev", {"image_tag": "t", "reserved_concurrency": "1", "request_latency_ms": "5000"})
+    assert tiny.stage_throttle == (1.0, 1)  # API Gateway's floor: at least 1 request/s
+    assert prod.termination_protection and not dev.termination_protection
 
 
 def test_unknown_stage_and_bad_context_syntax() -> None:

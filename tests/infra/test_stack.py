@@ -8,15 +8,19 @@ the API cannot deliver, knobs that do not reach the template.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 from aws_cdk.assertions import Match, Template
 
+from infra.cameras import CAMERA_WRITER_POLICY_ID
 from infra.config import MAX_DELIVERABLE_BODY_BYTES
-from infra.deploy import MAX_TEMPLATE_BODY_BYTES
+from infra.deploy import MAX_TEMPLATE_BODY_BYTES, show
 from infra.stack import BINARY_MEDIA_TYPES, S3_EXPIRY_GRACE_DAYS, route_path_pattern
 from serving.events import IMAGE_CONTENT_TYPES
+from serving.identity import CAMERA_PATH
+from serving.routes import SCORE_ROUTE
 from serving.storage import TABLE_SCHEMA, TTL_ATTRIBUTE
 from tests.infra.conftest import IMAGE_TAG, Synth
 from tools.local_server import ROUTES
@@ -70,10 +74,20 @@ def test_every_serving_route_requires_iam_auth(synth: Synth, label: str) -> None
     config = synth.configs[label]
     assert stage["Properties"]["StageName"] == config.stage
     throttle = stage["Properties"]["MethodSettings"][0]
-    assert (throttle["ThrottlingRateLimit"], throttle["ThrottlingBurstLimit"]) == (
-        config.throttle_rate,
-        config.throttle_burst,
-    )
+    rate, burst = throttle["ThrottlingRateLimit"], throttle["ThrottlingBurstLimit"]
+    assert (rate, burst) == config.stage_throttle
+    # Overload is API Gateway's 429: the stage never admits more than the reserved instances serve
+    # at the measured latency, nor more at once than there are instances.
+    assert config.reserved_concurrency is not None
+    assert rate <= config.reserved_concurrency / (config.request_latency_ms / 1000)
+    assert burst <= config.reserved_concurrency
+    if config.throttle_rate is None:  # derived: reserved / latency x safety factor (to 0.1/s)
+        served_per_s = config.reserved_concurrency / (config.request_latency_ms / 1000)
+        admitted = served_per_s * config.throttle_safety_factor
+        assert admitted - 0.1 < rate <= admitted
+        assert burst == config.reserved_concurrency
+    else:
+        assert (rate, burst) == (config.throttle_rate, config.throttle_burst)
 
 
 @pytest.mark.parametrize("label", LABELS)
@@ -152,7 +166,8 @@ def test_function_role_is_least_privilege(synth: Synth, label: str) -> None:
     config = synth.configs[label]
     table_id, _ = only(template, "AWS::DynamoDB::Table")
     bucket_id, _ = only(template, "AWS::S3::Bucket")
-    logs_id, _ = only(template, "AWS::Logs::LogGroup")
+    _, function = only(template, "AWS::Lambda::Function")
+    logs_id = function["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
     _, statements = _function_role_statements(template)
     assert statements
     granted: dict[str, list[Any]] = {}
@@ -244,50 +259,150 @@ def test_function_runs_the_pushed_image_with_the_handlers_environment(synth: Syn
         ), alias_id
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_alarms_dashboard_logs_and_camera_policy(synth: Synth, label: str) -> None:
-    template = synth.template(label)
-    config = synth.configs[label]
+def _alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Alarm properties by the metric they watch (the 5xx alarm's math by its error metric)."""
     alarms = {}
     for alarm in resources(template, "AWS::CloudWatch::Alarm").values():
-        (metric,) = alarm["Properties"]["Metrics"]
-        stat = metric["MetricStat"]
-        alarms[stat["Metric"]["MetricName"]] = {
-            **alarm["Properties"],
-            "Stat": stat["Stat"],
-            "Period": stat["Period"],
-        }
+        stats = [m["MetricStat"] for m in alarm["Properties"]["Metrics"] if "MetricStat" in m]
+        names = sorted(stat["Metric"]["MetricName"] for stat in stats)
+        key = "5XXError" if "5XXError" in names else names[0]
+        alarms[key] = {**alarm["Properties"], "Stats": {s["Metric"]["MetricName"]: s for s in stats}}
+    return alarms
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_every_alarm_notifies_the_topic_with_its_threshold(synth: Synth, label: str) -> None:
+    template = synth.template(label)
+    config = synth.configs[label]
+    alarms = _alarms(template)
     assert set(alarms) == {"5XXError", "Latency", "Throttles"}
-    assert (
-        alarms["5XXError"]["Stat"] == "Average" and alarms["5XXError"]["Threshold"] == config.alarm_5xx_rate
+    topic_id, _ = only(template, "AWS::SNS::Topic")  # always, e-mail or not
+    for name, alarm in alarms.items():
+        assert alarm["AlarmActions"] == [{"Ref": topic_id}], name
+        assert alarm["OKActions"] == [{"Ref": topic_id}], name
+        assert alarm["TreatMissingData"] == "notBreaching", name
+    assert template["Outputs"]["AlarmTopicArn"]["Value"] == {"Ref": topic_id}
+
+    # 5xx: a rate only over periods with enough requests (one error in a quiet period is not paged).
+    errors = alarms["5XXError"]
+    assert errors["Threshold"] == config.alarm_5xx_rate
+    assert errors["ComparisonOperator"] == "GreaterThanThreshold"
+    (expression,) = [m for m in errors["Metrics"] if "Expression" in m]
+    assert expression["ReturnData"] is True
+    assert expression["Expression"] == (
+        f"IF(requests >= {config.alarm_5xx_min_requests}, FILL(errors, 0) / requests, 0)"
     )
-    assert alarms["Latency"]["Stat"] == "p95"
-    assert alarms["Latency"]["Threshold"] == config.alarm_p95_latency_ms
-    assert alarms["Throttles"]["Threshold"] == config.alarm_throttles
-    topics = resources(template, "AWS::SNS::Topic")
+    ids = {m["Id"]: m["MetricStat"]["Metric"]["MetricName"] for m in errors["Metrics"] if "MetricStat" in m}
+    assert ids == {"requests": "Count", "errors": "5XXError"}
+    assert all(s["Stat"] == "Sum" and s["Period"] == 300 for s in errors["Stats"].values())
+    assert _math_5xx(expression["Expression"], requests=1, errors=1) == 0  # quiet period, one error
+    assert _math_5xx(expression["Expression"], requests=200, errors=20) > errors["Threshold"]
+
+    latency = alarms["Latency"]
+    assert latency["Stats"]["Latency"]["Stat"] == "p95"
+    assert latency["Threshold"] == config.alarm_p95_latency_ms and latency["EvaluationPeriods"] == 2
+    throttles = alarms["Throttles"]
+    assert throttles["Threshold"] == config.alarm_throttles
+    assert throttles["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+
+    subscriptions = resources(template, "AWS::SNS::Subscription")
     if config.alarm_email:
-        assert len(topics) == 1
-        assert all(a.get("AlarmActions") == [{"Ref": next(iter(topics))}] for a in alarms.values())
         Template.from_json(template).has_resource_properties(
-            "AWS::SNS::Subscription", {"Protocol": "email", "Endpoint": config.alarm_email}
+            "AWS::SNS::Subscription",
+            {"Protocol": "email", "Endpoint": config.alarm_email, "TopicArn": {"Ref": topic_id}},
         )
     else:
-        assert not topics and all("AlarmActions" not in a for a in alarms.values())
+        assert subscriptions == {}
     _, dashboard = only(template, "AWS::CloudWatch::Dashboard")
     body = json.dumps(dashboard["Properties"]["DashboardBody"])
     assert "5XXError" in body and "p95" in body and "Throttles" in body
-    _, logs = only(template, "AWS::Logs::LogGroup")
-    assert logs["Properties"]["RetentionInDays"] == config.log_retention_days
+
+
+def _math_5xx(expression: str, *, requests: float, errors: float) -> float:
+    """Evaluate the alarm's ``IF(requests >= N, FILL(errors, 0) / requests, 0)`` for one period."""
+    found = re.fullmatch(r"IF\(requests >= (\d+), FILL\(errors, 0\) / requests, 0\)", expression)
+    assert found, expression
+    return errors / requests if requests >= int(found.group(1)) else 0.0
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_function_logs_json_with_retention(synth: Synth, label: str) -> None:
+    template = synth.template(label)
+    _, function = only(template, "AWS::Lambda::Function")
+    log_group = template["Resources"][function["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]]
+    assert log_group["Properties"]["RetentionInDays"] == synth.configs[label].log_retention_days
     Template.from_json(template).has_resource_properties(
         "AWS::Lambda::Function",
         {"LoggingConfig": {"LogFormat": "JSON", "LogGroup": {"Ref": Match.any_value()}}},
     )
-    _, policy = only(template, "AWS::IAM::ManagedPolicy")
-    statements = policy["Properties"]["PolicyDocument"]["Statement"]
-    assert [s["Action"] for s in statements] == ["execute-api:Invoke"]
-    invoke = json.dumps(statements[0]["Resource"])
-    for method, route in ROUTES:
-        assert f"/{config.stage}/{method}{route_path_pattern(route)}" in invoke.replace('"', "")
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_api_access_log_names_the_caller_of_every_request(synth: Synth, label: str) -> None:
+    template = synth.template(label)
+    config = synth.configs[label]
+    _, stage = only(template, "AWS::ApiGateway::Stage")
+    setting = stage["Properties"]["AccessLogSetting"]
+    group_id = setting["DestinationArn"]["Fn::GetAtt"][0]
+    group = template["Resources"][group_id]
+    assert group["Type"] == "AWS::Logs::LogGroup"
+    assert group["Properties"]["RetentionInDays"] == config.access_log_retention_days
+    assert group["DeletionPolicy"] == ("Retain" if config.retain_data else "Delete")
+    assert template["Outputs"]["AccessLogGroup"]["Value"] == {"Ref": group_id}
+    # What API Gateway writes for a camera's upload: substitute $context variables, parse as JSON.
+    sample = {
+        "$context.identity.userArn": "arn:aws:iam::123456789012:user/visual-inspection/cameras/cam-1",
+        "$context.identity.caller": "AIDAEXAMPLE",
+        "$context.identity.sourceIp": "203.0.113.9",
+        "$context.resourcePath": "/cameras/{camera_id}/images",
+        "$context.status": "403",
+        "$context.responseLatency": "12",
+        "$context.requestTimeEpoch": "1767225600000",
+        "$context.responseLength": "57",
+    }
+    line = setting["Format"]
+    for variable, value in sorted(sample.items(), key=lambda kv: -len(kv[0])):
+        line = line.replace(variable, value)
+    line = re.sub(r"\$context\.[A-Za-z.]+", "x", line)
+    record = json.loads(line)
+    assert record["userArn"] == sample["$context.identity.userArn"]
+    assert record["caller"] == "AIDAEXAMPLE" and record["sourceIp"] == "203.0.113.9"
+    assert record["resourcePath"] == "/cameras/{camera_id}/images"
+    assert record["status"] == 403 and record["responseLatency"] == 12  # numbers, for Insights filters
+    assert {"requestId", "httpMethod", "path", "accessKey", "integrationStatus"} <= set(record)
+    accounts = resources(template, "AWS::ApiGateway::Account")
+    if config.api_cloudwatch_role:  # access logging needs the account-wide role; kept on delete
+        ((account_id, account),) = accounts.items()
+        assert account["DeletionPolicy"] == "Retain"
+        assert account_id in stage["DependsOn"]
+    else:
+        assert accounts == {}
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_camera_writes_only_as_itself_and_reading_is_a_separate_policy(synth: Synth, label: str) -> None:
+    template = synth.template(label)
+    config = synth.configs[label]
+    policies = resources(template, "AWS::IAM::ManagedPolicy")
+    assert CAMERA_WRITER_POLICY_ID in policies  # fixed logical id: `infra.cameras add` finds it
+    assert "CameraInvokePolicy" not in json.dumps(template)  # the all-cameras policy is gone
+    (reader_id,) = set(policies) - {CAMERA_WRITER_POLICY_ID}
+    (writer,) = policies[CAMERA_WRITER_POLICY_ID]["Properties"]["PolicyDocument"]["Statement"]
+    assert writer["Effect"] == "Allow" and writer["Action"] == "execute-api:Invoke"
+    method, route = SCORE_ROUTE
+    arn = show(writer["Resource"])  # one resource: POST to the caller's own camera id only
+    assert arn.endswith(f"/{config.stage}/{method}{route.replace('{camera_id}', '${aws:username}')}")
+    assert "*" not in arn.split(f"/{config.stage}/")[1]
+    assert show(writer["Condition"]["ArnLike"]["aws:PrincipalArn"]) == (
+        f"arn:${{AWS::Partition}}:iam::${{AWS::AccountId}}:user{CAMERA_PATH}*"
+    )
+    assert template["Outputs"]["CameraWriterPolicyArn"]["Value"] == {"Ref": CAMERA_WRITER_POLICY_ID}
+
+    (reader,) = policies[reader_id]["Properties"]["PolicyDocument"]["Statement"]
+    assert reader["Action"] == "execute-api:Invoke" and "Condition" not in reader
+    granted = {show(r).split(f"/{config.stage}/")[1] for r in reader["Resource"]}
+    assert granted == {f"GET{route_path_pattern(t)}" for m, t in ROUTES if m == "GET"}
+    assert template["Outputs"]["ResultsReaderPolicyArn"]["Value"] == {"Ref": reader_id}
 
 
 @pytest.mark.parametrize("label", LABELS)
