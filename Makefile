@@ -69,10 +69,13 @@ bench: setup
 	$(BIN)/python -m benchmarks.serving
 
 # Release the promoted model and deploy a stage: checks → docker build/push to ECR → CloudFormation.
-#   make deploy [STAGE=prod] [DRY_RUN=1] [CONTEXT="memory_mb=4096 retention_days=30"]
+# The change set (added/modified/replaced resources, IAM changes) is shown and confirmed on the
+# terminal; YES=1 executes unasked (CI); ALLOW_REPLACE=1 lets it replace the results table or bucket.
+#   make deploy [STAGE=prod] [DRY_RUN=1] [YES=1] [ALLOW_REPLACE=1] [CONTEXT="memory_mb=4096 retention_days=30"]
 STAGE ?= dev
 deploy: $(VENV)/.installed
-	$(BIN)/python -m release.publish --stage $(STAGE) $(if $(DRY_RUN),--dry-run) $(foreach c,$(CONTEXT),--context $(c))
+	$(BIN)/python -m release.publish --stage $(STAGE) $(if $(DRY_RUN),--dry-run) $(if $(YES),--yes) \
+	  $(if $(ALLOW_REPLACE),--allow-replace) $(foreach c,$(CONTEXT),--context $(c))
 
 clean:
 	rm -rf build mlartifacts mlflow.db

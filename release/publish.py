@@ -362,12 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         "--context", "-c", action="append", default=[], metavar="KEY=VALUE", help="override a deploy knob"
     )
     parser.add_argument("--no-deploy", action="store_true", help="stop after pushing the image")
+    parser.add_argument("--yes", action="store_true", help="execute the change set without asking (CI)")
+    parser.add_argument(
+        "--allow-replace", action="store_true", help="allow replacing/removing the results table or bucket"
+    )
     args = parser.parse_args(argv)
 
     from botocore.exceptions import BotoCoreError, ClientError
 
     from infra.config import ConfigError, load_stage, parse_context
-    from infra.deploy import DeployError, deploy_steps, with_image
+    from infra.deploy import DeployError, DeployRefused, deploy_steps, require_reviewer, with_image
 
     tracking_uri = resolved_tracking_uri()  # the training side's rule (config.tracking_uri)
     try:
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             platform=stage.docker_platform,
         )
         target = with_image(stage, tag=plan.tag, repository=args.repository)
+        if not args.dry_run and not args.no_deploy:
+            require_reviewer(args.yes)  # refused before a build that nobody could then deploy
         if args.dry_run:
             print(f"step 1 check: {plan.summary}")
             print(f"step 2 build and push {plan.image} ({stage.docker_platform}):")
@@ -402,11 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.image)
         if not args.no_deploy:
             try:
-                result = deploy_stage(target, region=plan.region)
+                result = deploy_stage(
+                    target, region=plan.region, yes=args.yes, allow_replace=args.allow_replace
+                )
             except (DeployError, BotoCoreError, ClientError) as exc:
                 retry = shlex.join(
                     ["python", "-m", "infra.deploy", "--stage", stage.stage, "--image-tag", plan.tag]
                     + [word for pair in args.context for word in ("--context", pair)]
+                    + ["--yes"] * args.yes
+                    + ["--allow-replace"] * args.allow_replace
                 )
                 raise PublishError(
                     f"{plan.image} is pushed, but deploying stage {stage.stage} failed: {exc} "
@@ -415,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps({"stack": result.stack_name, "action": result.action, **result.outputs}, indent=2)
             )
-    except (ReleaseError, ConfigError) as exc:
+    except (ReleaseError, ConfigError, DeployRefused) as exc:
         print(f"release refused: {exc}", file=sys.stderr)
         return 2
     except (PublishError, DeployError, BotoCoreError, ClientError) as exc:
@@ -424,11 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def deploy_stage(config: Any, *, region: str | None) -> Any:
-    """Deploy ``config``'s stack (``infra.deploy.deploy_stage``; imported late: it needs aws-cdk-lib)."""
+def deploy_stage(config: Any, *, region: str | None, yes: bool = False, allow_replace: bool = False) -> Any:
+    """Deploy ``config``'s stack (``infra.deploy.deploy_stage``; imported late: it needs aws-cdk-lib).
+
+    The change set is shown and confirmed on the terminal unless ``yes``.
+    """
     from infra.deploy import deploy_stage as deploy
 
-    return deploy(config, region=region)
+    return deploy(config, region=region, yes=yes, allow_replace=allow_replace)
 
 
 if __name__ == "__main__":

@@ -291,7 +291,8 @@ def test_release_deploys_the_stage_with_the_pushed_tag(
 
     deployed = []
 
-    def record(config: Any, *, region: str | None) -> DeployResult:
+    def record(config: Any, *, region: str | None, yes: bool, allow_replace: bool) -> DeployResult:
+        assert (yes, allow_replace) == (True, False)  # --yes passed through; no replace allowed
         deployed.append((config, region, fake_docker.read_text().count("\n")))
         return DeployResult(config.stack_name, "created", {"ApiUrl": "https://example/prod/"})
 
@@ -305,6 +306,7 @@ def test_release_deploys_the_stage_with_the_pushed_tag(
         "prod",
         "-c",
         "architecture=arm64",
+        "--yes",
     ]
     assert release.main(argv) == 0
     ((config, region, docker_calls_before_deploy),) = deployed
@@ -333,15 +335,15 @@ def test_failed_deploy_after_push_says_how_to_retry_the_deploy(
 ) -> None:
     from infra.deploy import DeployError
 
-    def fail(config: Any, *, region: str | None) -> Any:
+    def fail(config: Any, *, region: str | None, **review: bool) -> Any:
         raise DeployError(f"stack {config.stack_name} ended UPDATE_ROLLBACK_COMPLETE (Function: quota)")
 
     monkeypatch.setattr(release, "deploy_stage", fail)
-    assert release.main(["--model-dir", str(promoted), "--region", "us-east-1"]) == 1
+    assert release.main(["--model-dir", str(promoted), "--region", "us-east-1", "--yes"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     tag = f"v1-{_git_short()}"
     assert err.startswith("release failed: ") and f"visual-inspection:{tag} is pushed" in err
-    assert err.endswith(f"then: python -m infra.deploy --stage dev --image-tag {tag})")
+    assert err.endswith(f"then: python -m infra.deploy --stage dev --image-tag {tag} --yes)")
     assert "UPDATE_ROLLBACK_COMPLETE" in err
 
 
