@@ -347,6 +347,16 @@ def test_failed_deploy_after_push_says_how_to_retry_the_deploy(
     assert "UPDATE_ROLLBACK_COMPLETE" in err
 
 
+def test_deploy_nobody_can_confirm_is_refused_before_building(
+    env: Registry, promoted: Path, fake_docker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pytest's stdin is not a terminal and --yes is absent: the change set could not be confirmed.
+    assert release.main(["--model-dir", str(promoted), "--region", "us-east-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("release refused: deploy: not executed: stdin is not a terminal")
+    assert not fake_docker.exists()
+
+
 def test_bad_deploy_knob_is_refused_before_anything_runs(
     env: Registry, promoted: Path, fake_docker: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
