@@ -192,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     from infra.config import ConfigError, load_stage
 
     try:
+        validate_camera_id(args.camera_id)  # before any AWS call
         iam = boto3.client("iam")
         if args.command == "remove":
             print(f"removed camera {args.camera_id} ({remove_camera(iam, args.camera_id)})")
             return 0
-        validate_camera_id(args.camera_id)
         stage = load_stage(args.stage, require_image=False)
         policy_arn = args.policy_arn or writer_policy_arn(
             boto3.client("cloudformation", region_name=args.region), stage.stack_name
