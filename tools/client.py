@@ -2,23 +2,35 @@
 
 ``python -m tools.client part.png --camera cam-1 --url https://<api>.execute-api.<region>.amazonaws.com/<stage>``
 
-Credentials come from the standard AWS chain (environment, profile, instance/IoT role); the
-identity needs the stack's ``CameraInvokePolicy``. Every attempt is signed afresh, and retries (on
-429, 5xx and connection errors, with backoff) reuse one ``idempotency-key``, so a retried upload
-is stored once and answered with the stored result. Needs only the standard library and botocore
-(in serving/requirements.txt), so an edge box can run it without the training stack.
+Credentials come from the standard AWS chain (environment, profile, instance/IoT role, or the file
+``python -m infra.cameras add`` wrote: ``AWS_SHARED_CREDENTIALS_FILE=<file>``); the identity is a
+camera user with the stack's ``CameraWriterPolicy``, which may post only as its own camera id.
+
+Retries: every attempt is signed afresh and reuses one ``idempotency-key``, so a retried upload is
+stored once and answered with the stored result. Retried are 429 (the stage throttle: "come back
+later"), 5xx and connection errors; any other 4xx is the request's own fault (auth, camera id,
+size, conflict) and is returned at once, never repeated. A ``Retry-After`` (seconds or HTTP date)
+is waited out plus jitter; otherwise exponential backoff with full jitter, so many cameras throttled
+together do not come back in step. An image larger than the API can deliver to the function is
+refused before it is sent: API Gateway would answer it with a gateway error, not a 413.
+
+Needs only the standard library and botocore (in serving/requirements.txt), so an edge box can run
+it without the training stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.utils
 import json
+import random
 import re
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +39,12 @@ from urllib.parse import quote, urlsplit
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 
+from infra.config import MAX_DELIVERABLE_BODY_BYTES
+
 SERVICE = "execute-api"
+# 429 is the stage throttle (or the handler's "busy"): the one 4xx that means "later", not "wrong".
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_S = 60.0  # a server asking for a longer wait gets its answer returned instead
 _REGION_IN_HOST = re.compile(r"\.execute-api\.([a-z0-9-]+)\.amazonaws\.com")
 
 
@@ -70,9 +86,42 @@ def default_credentials() -> Any:
     if credentials is None:
         raise ClientError(
             "no AWS credentials: set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for an identity "
-            "with the stack's CameraInvokePolicy"
+            "with the stack's CameraWriterPolicy (see python -m infra.cameras add)"
         )
     return credentials.get_frozen_credentials()
+
+
+def check_size(image: bytes, limit: int = MAX_DELIVERABLE_BODY_BYTES) -> None:
+    """Refuse an image the API cannot hand to the function (Lambda's 6 MB payload after base64)."""
+    if len(image) > limit:
+        raise ClientError(
+            f"the image is {len(image):,} bytes; the API delivers at most {limit:,} "
+            "(Lambda's 6 MB payload after base64): downscale or recompress it"
+        )
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), ``None`` if absent/invalid."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def retry_delay(attempt: int, retry_after: float | None, *, backoff: float, rng: random.Random) -> float:
+    """Seconds before attempt ``attempt + 1``: the server's ``Retry-After`` plus up to ``backoff`` of
+    jitter, else full-jitter exponential backoff (uniform in ``[0, backoff * 2**(attempt-1)]``)."""
+    if retry_after is not None:
+        return retry_after + rng.uniform(0, backoff)
+    return rng.uniform(0, backoff * 2 ** (attempt - 1))
 
 
 def signed_request(
@@ -99,8 +148,14 @@ def send_image(
     retries: int = 3,
     timeout: float = 30.0,
     backoff: float = 0.5,
+    max_retry_after: float = MAX_RETRY_AFTER_S,
+    max_body_bytes: int = MAX_DELIVERABLE_BODY_BYTES,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
 ) -> Response:
-    """POST ``image`` to ``<url>/cameras/<camera_id>/images``; retry transient failures."""
+    """POST ``image`` to ``<url>/cameras/<camera_id>/images``; retry 429/5xx/connection failures only."""
+    check_size(image, max_body_bytes)
+    rng = rng or random.Random()
     headers = {
         "content-type": content_type_of(image),
         "idempotency-key": idempotency_key or uuid.uuid4().hex,
@@ -116,17 +171,20 @@ def send_image(
     while True:
         attempt += 1
         request = signed_request("POST", endpoint, image, headers, region=region, credentials=credentials)
+        retry_after = None
         try:
             with urllib.request.urlopen(request, timeout=timeout) as reply:
                 return Response(reply.status, _json(reply.read()), attempt)
         except urllib.error.HTTPError as exc:
             status, body = exc.code, _json(exc.read())
-            if status not in RETRY_STATUSES or attempt > retries:
+            retry_after = retry_after_seconds(exc.headers.get("retry-after"))
+            too_long = retry_after is not None and retry_after > max_retry_after
+            if status not in RETRY_STATUSES or attempt > retries or too_long:
                 return Response(status, body, attempt)
         except (urllib.error.URLError, TimeoutError, ConnectionError):
             if attempt > retries:
                 raise
-        time.sleep(backoff * 2 ** (attempt - 1))
+        sleep(retry_delay(attempt, retry_after, backoff=backoff, rng=rng))
 
 
 def _json(raw: bytes) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import hmac
 import os
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -185,3 +186,135 @@ def test_input_checks_name_the_fix(
     url = "https://a.execute-api.eu-west-1.amazonaws.com/p"
     assert client.main([str(png), "--url", url, "--camera", "c"]) == 2
     assert "no AWS credentials" in capsys.readouterr().err
+
+
+# -- retry policy and size limit, against a scripted HTTP server on 127.0.0.1 --------------------
+
+
+@dataclass
+class Scripted:
+    """A local server answering from ``replies`` (status, headers) in order, recording each request."""
+
+    url: str
+    replies: list[tuple[int, dict[str, str]]]
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    import http.server
+
+    state = Scripted(url="", replies=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            state.seen.append(
+                {
+                    "path": self.path,
+                    "bytes": len(body),
+                    "key": self.headers.get("idempotency-key"),
+                    "signed": self.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"),
+                }
+            )
+            status, headers = state.replies.pop(0) if state.replies else (200, {})
+            payload = b'{"message":"scripted"}'
+            self.send_response(status)
+            for name, value in {"content-type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/dev"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+CREDENTIALS = Credentials("AKIDEXAMPLE", "secret")
+
+
+def _send(api: Scripted, image: bytes | None = None, **kwargs: Any) -> tuple[client.Response, list[float]]:
+    slept: list[float] = []
+    reply = client.send_image(
+        api.url,
+        "cam-1",
+        image if image is not None else image_bytes(),
+        region="us-east-1",
+        credentials=CREDENTIALS,
+        sleep=slept.append,
+        **kwargs,
+    )
+    return reply, slept
+
+
+def test_retry_after_is_waited_out_with_jitter_and_the_key_is_kept(scripted: Scripted) -> None:
+    scripted.replies = [(429, {"retry-after": "2"}), (503, {"retry-after": "1"}), (200, {})]
+    reply, slept = _send(scripted, backoff=0.5)
+    assert reply.status == 200 and reply.attempts == 3
+    assert 2 <= slept[0] <= 2.5 and 1 <= slept[1] <= 1.5  # never sooner than asked, jitter on top
+    assert len({r["key"] for r in scripted.seen}) == 1 and all(r["signed"] for r in scripted.seen)
+    assert {r["path"] for r in scripted.seen} == {"/dev/cameras/cam-1/images"}
+
+
+def test_retry_after_as_an_http_date(scripted: Scripted) -> None:
+    import email.utils
+
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    scripted.replies = [(503, {"retry-after": later}), (200, {})]
+    reply, slept = _send(scripted, backoff=0.1)
+    assert reply.status == 200 and 28 <= slept[0] <= 30.1
+    assert client.retry_after_seconds("soon") is None and client.retry_after_seconds(None) is None
+
+
+def test_a_wait_longer_than_the_cap_returns_the_answer(scripted: Scripted) -> None:
+    scripted.replies = [(429, {"retry-after": "3600"})]
+    reply, slept = _send(scripted)
+    assert (reply.status, reply.attempts, slept, len(scripted.seen)) == (429, 1, [], 1)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 415, 422])
+def test_a_4xx_other_than_429_is_never_retried(scripted: Scripted, status: int) -> None:
+    scripted.replies = [(status, {"retry-after": "1"}), (200, {})]
+    reply, slept = _send(scripted)
+    assert (reply.status, reply.attempts, slept, len(scripted.seen)) == (status, 1, [], 1)
+
+
+def test_5xx_backoff_is_full_jitter_and_bounded(scripted: Scripted) -> None:
+    import random
+
+    scripted.replies = [(502, {})] * 4
+    reply, slept = _send(scripted, retries=3, backoff=1.0, rng=random.Random(7))
+    assert (reply.status, reply.attempts, len(scripted.seen)) == (502, 4, 4)
+    assert len(slept) == 3
+    assert all(0 <= delay <= 2**i for i, delay in enumerate(slept))  # within 1, 2, 4 s
+    assert len(set(slept)) == 3  # jittered, so throttled cameras do not come back together
+
+
+def test_an_image_the_api_cannot_deliver_is_refused_before_sending(
+    scripted: Scripted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.config import MAX_DELIVERABLE_BODY_BYTES
+
+    png = image_bytes()
+    largest = png + b"\0" * (MAX_DELIVERABLE_BODY_BYTES - len(png))
+    reply, _ = _send(scripted, largest)
+    assert reply.status == 200 and scripted.seen[-1]["bytes"] == MAX_DELIVERABLE_BODY_BYTES
+    with pytest.raises(client.ClientError, match=r"delivers at most 4,.*downscale or recompress"):
+        _send(scripted, largest + b"\0")
+    assert len(scripted.seen) == 1  # nothing sent
+    big = tmp_path / "big.png"
+    big.write_bytes(largest + b"\0")
+    assert client.main([str(big), "--url", scripted.url, "--camera", "cam-1", "--region", "us-east-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("client: the image is ") and err.count("\n") == 1
+    assert len(scripted.seen) == 1
