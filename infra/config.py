@@ -75,6 +75,8 @@ class StageConfig:
     alarm_throttles: int = 1
     termination_protection: bool = False
     api_cloudwatch_role: bool = True
+    reconcile_grace_hours: float | None = 24
+    reconcile_every_hours: int = 24
 
     @property
     def stack_name(self) -> str:
@@ -163,6 +165,9 @@ class StageConfig:
             raise ConfigError(f"alarm_email {self.alarm_email!r} is not an e-mail address")
         _in_range("alarm_5xx_rate", self.alarm_5xx_rate, 0.0001, 1)
         _in_range("alarm_5xx_min_requests", self.alarm_5xx_min_requests, 1, 1_000_000)
+        if self.reconcile_grace_hours is not None:
+            _in_range("reconcile_grace_hours", self.reconcile_grace_hours, 1, 8760)
+        _in_range("reconcile_every_hours", self.reconcile_every_hours, 1, 168)
         _in_range("alarm_p95_latency_ms", self.alarm_p95_latency_ms, 1, 29000)
         _in_range("alarm_throttles", self.alarm_throttles, 1, 1_000_000)
         return self

@@ -31,7 +31,9 @@ Design decisions (see README, *Deploy to AWS*):
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 from typing import Any
 
 import aws_cdk as cdk
@@ -40,6 +42,8 @@ from aws_cdk import aws_cloudwatch as cw
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -87,6 +91,9 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "errorMessage": "$context.error.message",
 }
 _NUMERIC_LOG_FIELDS = frozenset({"requestTime", "status", "responseLength", "responseLatency"})
+# CloudFormation's limit for a function's inline code (ZipFile).
+MAX_INLINE_CODE_CHARS = 4096
+RECONCILER_SOURCE = Path(__file__).with_name("reconciler.py")
 # The IAM policy variable that names the signing IAM user; API Gateway's resource ARN holds the path.
 USERNAME_VARIABLE = "${aws:username}"
 
@@ -103,6 +110,29 @@ def route_path_pattern(template: str, bind: dict[str, str] | None = None) -> str
     ``bind`` replaces named parameters instead of ``*`` (``{"camera_id": "${aws:username}"}``).
     """
     return re.sub(r"\{([^/}]+)\}", lambda m: (bind or {}).get(m.group(1), "*"), template)
+
+
+def inline_source(path: Path = RECONCILER_SOURCE) -> str:
+    """``path``'s code without docstrings and comments, for a function's inline ``ZipFile``.
+
+    The tested module is what runs: only documentation is dropped (``ast`` round trip), and a
+    module that outgrows CloudFormation's 4 KB inline limit fails the synth, not the deploy.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    source = ast.unparse(tree) + "\n"
+    if len(source) > MAX_INLINE_CODE_CHARS:
+        raise ValueError(f"{path.name} is {len(source)} characters without docstrings; inline code max 4096")
+    return source
 
 
 def access_log_format(fields: dict[str, str] = ACCESS_LOG_FIELDS) -> str:
@@ -185,6 +215,7 @@ class InspectionStack(cdk.Stack):
         self.function, self.alias = self._function()
         self.api = self._api()
         self.writer_policy, self.reader_policy = self._camera_policies()
+        self.reconciler = self._reconciler() if config.reconcile_grace_hours else None
         self.alarm_topic = self._alarms_and_dashboard()
 
         self._output("ApiUrl", self.api.url, "base URL of the stage (append a route)")
@@ -332,13 +363,7 @@ class InspectionStack(cdk.Stack):
             environment=environment,
             description=f"visual-inspection scorer ({c.stage}, image {c.image_reference})",
         )
-        # CDK makes the function depend on both the role and its policy; the role is already
-        # implied by Fn::GetAtt (cfn-lint W3005), so keep only the policy (the function must not
-        # start before it may write).
-        cfn_function = function.node.default_child
-        default_policy = self.role.node.try_find_child("DefaultPolicy")
-        assert isinstance(cfn_function, lambda_.CfnFunction) and isinstance(default_policy, iam.Policy)
-        cfn_function.add_override("DependsOn", [self.get_logical_id(default_policy.node.default_child)])
+        self._depend_on_policy_only(function, self.role)
         # API Gateway calls the alias, so provisioned concurrency (when set) covers every request.
         alias = lambda_.Alias(
             self,
@@ -348,6 +373,76 @@ class InspectionStack(cdk.Stack):
             provisioned_concurrent_executions=c.provisioned_concurrency or None,
         )
         return function, alias
+
+    def _depend_on_policy_only(self, function: lambda_.Function, role: iam.Role) -> None:
+        """CDK makes a function depend on both its role and the role's policy; the role is already
+        implied by Fn::GetAtt (cfn-lint W3005), so keep only the policy (the function must not
+        start before it may write)."""
+        cfn_function = function.node.default_child
+        default_policy = role.node.try_find_child("DefaultPolicy")
+        assert isinstance(cfn_function, lambda_.CfnFunction) and isinstance(default_policy, iam.Policy)
+        cfn_function.add_override("DependsOn", [self.get_logical_id(default_policy.node.default_child)])
+
+    def _reconciler(self) -> lambda_.Function:
+        """The scheduled orphan-object sweep (infra/reconciler.py): list + delete under the prefix,
+        read items in batches; one instance at a time; its own role and log group."""
+        c = self.config
+        log_group = logs.LogGroup(
+            self,
+            "ReconcilerLogs",
+            retention=logs.RetentionDays.INFINITE,
+            removal_policy=cdk.RemovalPolicy.DESTROY,
+        )
+        log_cfn = log_group.node.default_child
+        assert isinstance(log_cfn, logs.CfnLogGroup)
+        log_cfn.retention_in_days = c.log_retention_days
+        role = iam.Role(
+            self,
+            "ReconcilerRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="visual-inspection reconciler: list/delete own prefix, read own table, own logs",
+        )
+        own_objects = self.bucket.arn_for_objects(f"{c.results_prefix}*")
+        statements = [
+            ("ReadItems", ["dynamodb:BatchGetItem"], [self.table.table_arn], None),
+            ("ListOwnPrefix", ["s3:ListBucket"], [self.bucket.bucket_arn],
+             {"StringLike": {"s3:prefix": [f"{c.results_prefix}*"]}}),
+            ("DeleteOrphans", ["s3:DeleteObject"], [own_objects], None),
+            ("OwnLogGroup", ["logs:CreateLogStream", "logs:PutLogEvents"], [log_group.log_group_arn], None),
+        ]  # fmt: skip
+        for sid, actions, resources, conditions in statements:
+            role.add_to_policy(
+                iam.PolicyStatement(sid=sid, actions=actions, resources=resources, conditions=conditions)
+            )
+        function = lambda_.Function(
+            self,
+            "Reconciler",
+            runtime=lambda_.Runtime.PYTHON_3_14,  # the newest the CDK knows (cdk-nag AwsSolutions-L1)
+            handler="index.handler",
+            code=lambda_.Code.from_inline(inline_source()),
+            timeout=cdk.Duration.minutes(15),
+            memory_size=256,
+            reserved_concurrent_executions=1,
+            role=role,
+            log_group=log_group,
+            environment={
+                "RESULTS_TABLE": self.table.table_name,
+                "RESULTS_BUCKET": self.bucket.bucket_name,
+                "RESULTS_PREFIX": c.results_prefix,
+                "GRACE_HOURS": f"{c.reconcile_grace_hours:g}",
+                "DEPLOY_STAGE": c.stage,
+            },
+            description=f"visual-inspection reconciler ({c.stage}): delete result objects no item references",
+        )
+        self._depend_on_policy_only(function, role)
+        events.Rule(
+            self,
+            "ReconcileSchedule",
+            description=f"run the reconciler every {c.reconcile_every_hours} h",
+            schedule=events.Schedule.rate(cdk.Duration.hours(c.reconcile_every_hours)),
+            targets=[targets.LambdaFunction(function, retry_attempts=0)],
+        )
+        return function
 
     # -- API --------------------------------------------------------------------------------
     def _api(self) -> apigw.RestApi:

@@ -52,5 +52,6 @@ def synth() -> Synth:
         access_log_retention_days=731,
         api_cloudwatch_role=False,  # the account already has API Gateway's logging role
         termination_protection=True,
+        reconcile_grace_hours=None,  # no reconciler (dev and prod have one)
     ).validate()
     return Synth(configs, synth_templates(list(configs.values())))

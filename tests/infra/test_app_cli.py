@@ -53,7 +53,7 @@ def test_cdk_json_runs_the_app_into_cdk_outdir_with_cli_context(tmp_path: Path) 
     assert list(stacks) == ["visual-inspection-prod"]  # only the stage asked for
     assert stacks["visual-inspection-prod"]["properties"]["terminationProtection"] is True  # prod
     template = json.loads((tmp_path / "cdk.out" / "visual-inspection-prod.template.json").read_text())
-    (function,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::Lambda::Function"]
+    (function,) = [r for r in template["Resources"].values() if r["Properties"].get("PackageType") == "Image"]
     assert function["Properties"]["MemorySize"] == 4096
     assert ":v9-abc1234" in json.dumps(function["Properties"]["Code"])
     (alarm,) = [

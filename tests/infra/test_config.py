@@ -68,6 +68,8 @@ def test_payload_limit_fits_what_api_gateway_can_hand_to_lambda() -> None:
         ({"image_tag": "t", "throttle_safety_factor": "1.5"}, "throttle_safety_factor 1.5"),
         ({"image_tag": "t", "access_log_retention_days": "2"}, "access_log_retention_days 2: CloudWatch"),
         ({"image_tag": "t", "termination_protection": "sure"}, "expected bool"),
+        ({"image_tag": "t", "reconcile_grace_hours": "0.5"}, "reconcile_grace_hours 0.5: must be a number"),
+        ({"image_tag": "t", "reconcile_every_hours": "0"}, "reconcile_every_hours 0: must be a number"),
     ],
 )
 def test_bad_knobs_are_one_line_naming_the_fix(context: dict[str, str], message: str) -> None:

@@ -15,7 +15,7 @@ ACCEPTED: dict[str, str] = {
     "AwsSolutions-S1": "S3 server access logs need a second bucket; who wrote an object is in the API "
     "access log (request id → item → object key)",
     "AwsSolutions-IAM5[Resource::<Overlays30A55718.Arn>/results/*]": "the function writes one object "
-    "per request under its own prefix; the key is not known in advance",
+    "per request under its own prefix, the reconciler deletes orphans there; keys are not known in advance",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:execute-api:<AWS::Region>:<AWS::AccountId>:"
     "<ApiF70053CD>/{stage}/GET/cameras/*/results/*]": "readers read every camera's results by design",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:execute-api:<AWS::Region>:<AWS::AccountId>:"
