@@ -14,10 +14,12 @@ be empty. ``--preview`` shows the change set and deletes it. Termination protect
 (``termination_protection``, on in prod) is applied after the change set, because CloudFormation
 does not take it in a change set.
 
-Why plain CloudFormation and not ``cdk deploy``: the stack has no assets (the image is already in
+Why plain CloudFormation as the release path: the stack has no assets (the image is already in
 ECR) and uses the bootstrapless synthesizer, so no CDK CLI, no ``cdk bootstrap`` and no staging
 bucket are needed; boto3 is. Change sets make a deploy that changes nothing a no-op, and a failed
-update is rolled back by CloudFormation, so a fault never leaves a half-updated stage.
+update is rolled back by CloudFormation, so a fault never leaves a half-updated stage. The same app
+also runs under the CDK CLI (``cdk.json``: ``cdk diff -c stage=prod -c image_tag=...``) for its
+IAM-change table and ``cdk deploy``'s approval prompt.
 """
 
 from __future__ import annotations

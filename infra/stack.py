@@ -88,6 +88,8 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "responseLatency": "$context.responseLatency",
     "integrationLatency": "$context.integrationLatency",
     "integrationStatus": "$context.integrationStatus",
+    # Lambda's own request id: the handler's log lines for this request carry it (join key).
+    "integrationRequestId": "$context.integration.requestId",
     "errorMessage": "$context.error.message",
 }
 _NUMERIC_LOG_FIELDS = frozenset({"requestTime", "status", "responseLength", "responseLatency"})

@@ -16,6 +16,7 @@ import pytest
 from config.paths import REPO_ROOT as REPO
 from infra.app import CONTEXT_ENV, CONTEXT_OVERFLOW_ENV, cli_context
 from infra.config import ConfigError
+from tests.infra.conftest import IMAGE_TAG, Synth
 
 
 def run_like_cdk(
@@ -82,3 +83,20 @@ def test_cli_context_keeps_knobs_and_drops_the_cdks_own_keys() -> None:
     assert cli_context({}) == {}
     with pytest.raises(ConfigError, match="context stge: unknown knob"):
         cli_context({"CDK_CONTEXT_JSON": json.dumps({"stge": "dev"})})
+
+
+def test_cdk_cli_synth_is_byte_for_byte_what_infra_deploy_deploys(synth: Synth, tmp_path: Path) -> None:
+    """With cdk.json's settings (no version reporting, no path metadata, passed by the CLI as these
+    context keys) ``cdk synth``/``cdk diff`` see exactly the template ``infra.deploy`` sends."""
+    cdk_json = json.loads((REPO / "cdk.json").read_text())
+    assert (cdk_json["versionReporting"], cdk_json["pathMetadata"]) == (False, False)
+    context = {
+        "stage": "prod",
+        "image_tag": IMAGE_TAG,
+        "aws:cdk:version-reporting": False,
+        "aws:cdk:enable-path-metadata": False,
+    }
+    proc = run_like_cdk(tmp_path / "cdk.out", context)
+    assert proc.returncode == 0, proc.stderr
+    template = json.loads((tmp_path / "cdk.out" / "visual-inspection-prod.template.json").read_text())
+    assert template == synth.template("prod")

@@ -379,7 +379,7 @@ def test_api_access_log_names_the_caller_of_every_request(synth: Synth, label: s
     assert record["caller"] == "AIDAEXAMPLE" and record["sourceIp"] == "203.0.113.9"
     assert record["resourcePath"] == "/cameras/{camera_id}/images"
     assert record["status"] == 403 and record["responseLatency"] == 12  # numbers, for Insights filters
-    assert {"requestId", "httpMethod", "path", "accessKey", "integrationStatus"} <= set(record)
+    assert {"requestId", "httpMethod", "path", "accessKey", "integrationRequestId"} <= set(record)
     accounts = resources(template, "AWS::ApiGateway::Account")
     if config.api_cloudwatch_role:  # access logging needs the account-wide role; kept on delete
         ((account_id, account),) = accounts.items()
