@@ -26,7 +26,9 @@ def keys(
     request_id: str, attempt: str, camera: str = "line-1:cam.2", prefix: str = "results/"
 ) -> dict[str, str]:
     """The object keys serving's ResultStore gives an attempt (no AWS call is made)."""
-    store = ResultStore("t", "b", prefix, store_original=True, s3_client=object(), dynamodb_client=object())
+    offline = {"region_name": "us-east-1", "aws_access_key_id": "x", "aws_secret_access_key": "x"}
+    clients = {f"{kind}_client": boto3.client(kind, **offline) for kind in ("s3", "dynamodb")}
+    store = ResultStore("t", "b", prefix, store_original=True, **clients)
     return store.object_keys(camera, "2026-11-27T08:00:00Z", request_id, attempt, "image/png")
 
 
