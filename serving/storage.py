@@ -584,7 +584,9 @@ def decode_page_token(token: str, camera_id: str) -> dict[str, Any]:
     """Inverse of :func:`encode_page_token`; refuses tokens of another camera or another shape."""
     try:
         plain = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a forged token of deeply nested JSON; ValueError also covers integers
+        # over the 4,300-digit conversion limit.
         raise InvalidPageToken("next_token is not a token this API issued") from exc
     names = {"camera_id", "request_id", "captured_at"}
     if (
