@@ -438,3 +438,32 @@ def test_get_result_routes_over_http(server_url: str) -> None:
     assert status == 200 and [r["request_id"] for r in listing["results"]] == ["get-1"]
     status, _, missing = request(f"{server_url}/cameras/cam-get/results/nope", None, {}, method="GET")
     assert status == 404 and missing["error"]["code"] == "result_not_found"
+
+
+def test_caller_arn_reaches_the_handler_and_a_camera_cannot_post_for_another(
+    aws_resources: str, scorer: Any
+) -> None:
+    """``--caller-arn`` stands in for IAM auth: the handler's camera rule applies over real HTTP."""
+    from serving.events import RequestLimits
+    from serving.identity import camera_arn
+    from serving.service import InferenceService
+    from serving.storage import ResultStore
+    from tests.serving.conftest import BUCKET as HANDLER_BUCKET
+    from tests.serving.conftest import TABLE as HANDLER_TABLE
+
+    service = InferenceService(scorer, ResultStore(HANDLER_TABLE, HANDLER_BUCKET), RequestLimits())
+    server = make_server(service.handle, port=0, quiet=True, caller_arn=camera_arn("123456789012", "cam-1"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        status, _, body = request(f"{url}/cameras/cam-2/images", png_bytes(), {"Content-Type": "image/png"})
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        assert boto3.client("dynamodb").scan(TableName=HANDLER_TABLE)["Items"] == []
+        status, _, body = request(f"{url}/cameras/cam-1/images", png_bytes(), {"Content-Type": "image/png"})
+        assert status == 200 and body["camera_id"] == "cam-1"
+        status, _, body = request(f"{url}/cameras/cam-1/results", None, {}, method="GET")
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+    finally:
+        server.shutdown()
+        server.server_close()
