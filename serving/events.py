@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -163,6 +164,7 @@ class ScoringRequest:
     sensitivity: float | None = None
     mask: str | None = None  # None | "base64" | "url"
     regions: bool = False
+    decode_ms: float = 0.0  # of the parse, the part spent decoding (and reducing) the image
 
     @property
     def fingerprint(self) -> str:
@@ -555,7 +557,9 @@ def parse_event(
         context_id = (wrapped.get("requestContext") or {}).get("requestId")
         request_id = _server_request_id(str(context_id or fallback_request_id or uuid.uuid4().hex))
 
+    started = time.perf_counter()
     image, detected_type, original_size = decode_image(image_bytes, limits)
+    decode_ms = (time.perf_counter() - started) * 1000.0
     return ScoringRequest(
         image=image,
         image_bytes=image_bytes,
@@ -569,6 +573,7 @@ def parse_event(
         sensitivity=sensitivity,
         mask=mask,
         regions=regions,
+        decode_ms=decode_ms,
     )
 
 

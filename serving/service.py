@@ -16,8 +16,14 @@ reads nothing (403, nothing stored); IAM decides for every other principal.
 
 Observability (AWS Lambda Powertools): one structured log line per request with the Lambda context
 (added by ``serving.app``), the caller (ARN, access key, source IP) and the request id as correlation
-id; CloudWatch metrics in EMF on stdout: latency per phase, anomalies and requests per camera, errors
-by code.
+id; CloudWatch metrics in EMF on stdout: latency per phase (``parse`` with ``decode``; ``score`` with
+``preprocess``, ``inference``, ``postprocess``; ``analyse``; ``overlay`` = overlay and mask PNG
+encoding; ``lookup``; each ``s3_put_<kind>`` and ``dynamodb_put`` within ``persist``; ``total``),
+anomalies and requests per camera, errors by code.
+
+Time: storage calls run against the Lambda's remaining time (``context.get_remaining_time_in_millis``)
+less :data:`RESPONSE_RESERVE_S`; a call that might not finish by then is not started and the
+request is answered 503 (retry with the same key) while there is still time to answer.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "VisualInspec
 logger = Logger(service=SERVICE_NAME)
 RETRY_AFTER_S = "1"
 JSON = "application/json"
+# Kept free at the end of the Lambda's time to log, emit metrics and return the answer.
+RESPONSE_RESERVE_S = 0.5
 # Powertools keeps the event being resolved on its router class (one per process, as Lambda runs
 # one event at a time per environment). A process that serves events from several threads (the
 # local server, tests) must resolve one at a time, or a route would read another request's event.
@@ -184,7 +192,7 @@ class InferenceService:
                 "isBase64Encoded": False,
             }
         gateway_id = (event.get("requestContext") or {}).get("requestId")
-        with _RESOLVE_LOCK:
+        with _RESOLVE_LOCK, self.store.deadline(storage_deadline(context)):
             logger.set_correlation_id(gateway_id)
             self.app.append_context(trace=trace)
             return self.app.resolve(event, context)
@@ -206,6 +214,7 @@ class InferenceService:
             request = parse_event(
                 event, self.limits, path_parameters=params, fallback_request_id=trace.aws_request_id
             )
+        trace.latency["decode"] = request.decode_ms
         trace.identify(request.camera_id, request.request_id)
         self._authorize_write(trace.caller, request.camera_id)  # the camera of the header or body
         trace.log.update(
@@ -281,7 +290,7 @@ class InferenceService:
 
         with trace.phase("score"):
             result = self.scorer.score(request.image)
-        latency.update({f"score_{k}": v for k, v in result.timings.items()})
+        latency.update(result.timings)  # preprocess, inference, postprocess
 
         with trace.phase("analyse"):
             threshold = request.threshold if request.threshold is not None else self.scorer.threshold
@@ -289,10 +298,10 @@ class InferenceService:
             # (letterbox padding dropped), once: mask, regions and overlay all read these pixels.
             heat = self.scorer.map_to_image(result.anomaly_map, request.image)
             analysis = analyse(heat, threshold, request.image.size, request.original_size)
-            mask_bytes = mask_png(analysis.mask)
 
-        with trace.phase("overlay"):
+        with trace.phase("overlay"):  # both PNG encodings
             overlay_png = overlay(request.image, heat)
+            mask_bytes = mask_png(analysis.mask)
 
         meta = self.scorer.metadata
         record = ResultRecord(
@@ -326,6 +335,7 @@ class InferenceService:
                 mask_png=mask_bytes,
                 original=request.image_bytes,
                 original_content_type=request.content_type,
+                timings=latency,
             )
         own_mask = None if outcome.replayed else mask_bytes
         return self._answer(
@@ -468,8 +478,7 @@ class InferenceService:
         try:
             phases = EphemeralMetrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
             for phase, ms in latency.items():
-                if not phase.startswith("score_"):
-                    phases.add_metric(name=f"latency_{phase}", unit=MetricUnit.Milliseconds, value=ms)
+                phases.add_metric(name=f"latency_{phase}", unit=MetricUnit.Milliseconds, value=ms)
             phases.add_metric(name="requests", unit=MetricUnit.Count, value=1)
             phases.flush_metrics()
             if code is not None:
@@ -486,6 +495,14 @@ class InferenceService:
                 per_camera.flush_metrics()
         except Exception:  # metrics must never fail a request
             logger.exception("could not emit metrics")
+
+
+def storage_deadline(context: Any) -> float | None:
+    """When storage calls must be done (``time.monotonic()``): the Lambda's end less the reserve."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    return time.monotonic() + remaining() / 1000.0 - RESPONSE_RESERVE_S
 
 
 def _rounded(latency: dict[str, float]) -> dict[str, float]:

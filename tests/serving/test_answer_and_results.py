@@ -177,7 +177,25 @@ def test_emf_metrics_per_phase_camera_and_error(
         for directive in line["_aws"]["CloudWatchMetrics"]:
             for metric in directive["Metrics"]:
                 by_metric.setdefault(metric["Name"], []).append(line | {"dims": directive["Dimensions"][0]})
-    assert {"latency_parse", "latency_score", "latency_persist", "latency_total"} <= set(by_metric)
+    phases = {
+        "parse",
+        "decode",
+        "lookup",
+        "score",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "analyse",
+        "overlay",
+        "s3_put_overlay",
+        "s3_put_mask",
+        "dynamodb_put",
+        "persist",
+        "total",
+    }
+    assert {f"latency_{phase}" for phase in phases} <= set(by_metric), sorted(by_metric)
+    scored = [line for line in lines if "latency_s3_put_overlay" in line]
+    assert len(scored) == 1 and scored[0]["latency_dynamodb_put"][0] > 0
     (anomalies,) = by_metric["anomalies"]
     assert anomalies["camera_id"] == "cam-r" and "camera_id" in anomalies["dims"]
     (errors,) = by_metric["errors"]

@@ -253,3 +253,54 @@ def test_a_tombstone_left_behind_expires_like_an_item(
     assert [i["status"]["S"] for i in items] == ["aborted"]
     expires_at = int(items[0]["expires_at"]["N"])
     assert before + 30 * 86400 - 5 <= expires_at <= time.time() + 30 * 86400 + 5
+
+
+def test_storage_runs_against_the_lambdas_remaining_time(proxy: FaultProxy, scorer: Scorer) -> None:
+    """Every DynamoDB put hangs: the retries stop when one more attempt might outlast the Lambda,
+    the answer is a 503 while there is time to give it, and a later retry settles consistently."""
+    from tools.local_server import LocalContext
+
+    config = Config(
+        connect_timeout=1.0, read_timeout=1.0, retries={"mode": "standard", "total_max_attempts": 6}
+    )
+    store = ResultStore(
+        TABLE,
+        BUCKET,
+        "results/",
+        s3_client=boto3.client("s3", endpoint_url=proxy.url, config=config),
+        dynamodb_client=boto3.client("dynamodb", endpoint_url=proxy.url, config=config),
+    )
+    service = InferenceService(scorer, store, RequestLimits())
+    proxy.add("dynamodb:PutItem", "delay", 6, delay_s=3.0)  # each attempt times out after 1 s
+    event = _event(elpv_image_bytes(4), key="late-1")
+    context = LocalContext(timeout_s=5.0)
+    response = service.handle(event, context)
+    spare_ms = context.get_remaining_time_in_millis()
+
+    assert proxy.fired()
+    assert response["statusCode"] == 503, response["body"]
+    assert header(response, "retry-after") == "1"
+    assert json.loads(response["body"])["error"]["code"] == "dynamodb_error"
+    assert spare_ms >= 300, f"answered with only {spare_ms} ms of the Lambda's time left"
+    fired_puts = sum(1 for operation, _ in proxy.fired() if operation == "dynamodb:PutItem")
+    assert fired_puts < 6  # the budget, not boto's attempt limit, ended the retries
+    proxy.wait_idle(timeout=15)
+
+    retry = service.handle(event, LocalContext(timeout_s=30.0))
+    proxy.wait_idle(timeout=15)
+    assert retry["statusCode"] == 200, retry["body"]
+    assert_consistent([retry])
+
+
+def test_too_little_time_left_starts_no_storage_call(aws_resources: str, scorer: Scorer) -> None:
+    """With less time left than one attempt may take (2 s connect + 5 s read), nothing is sent."""
+    from tools.local_server import LocalContext
+
+    service = InferenceService(scorer, ResultStore(TABLE, BUCKET, "results/"), RequestLimits())
+    response = service.handle(_event(elpv_image_bytes(0), key="short-1"), LocalContext(timeout_s=4.0))
+    assert response["statusCode"] == 503
+    assert json.loads(response["body"])["error"]["code"] == "dynamodb_error"
+    assert _objects() == {} and _complete_items() == {}
+    assert boto3.client("dynamodb").scan(TableName=TABLE)["Items"] == []  # not even a tombstone
+    ok = service.handle(_event(elpv_image_bytes(0), key="short-1"), LocalContext(timeout_s=29.0))
+    assert ok["statusCode"] == 200, ok["body"]

@@ -149,6 +149,9 @@ def test_a_camera_posting_for_itself_is_served_and_logged_with_its_identity(
     items, objects = _stored()
     assert len(items) == 1 and len(objects) == 2
     (line,) = [r for r in log_records if r.getMessage() == "scored"]
+    every_phase = {"parse", "decode", "lookup", "score", "preprocess", "inference", "postprocess"}
+    every_phase |= {"analyse", "overlay", "s3_put_overlay", "s3_put_mask", "dynamodb_put", "persist", "total"}
+    assert set(line.latency_ms) == every_phase  # type: ignore[attr-defined]
     fields = {k: getattr(line, k) for k in ("caller", "caller_access_key", "source_ip")}
     assert fields == {
         "caller": camera_arn(ACCOUNT, "cam-1"),
