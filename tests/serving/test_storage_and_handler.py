@@ -334,3 +334,25 @@ def test_serving_imports_no_torch(serving_model_dir: Path) -> None:
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_minimal_rest_event_is_served(aws_resources: str, scorer: Scorer) -> None:
+    """Only the fields a hand-written REST event carries (as tests/infra sends): no identity, query
+    or multi-value fields, no context; the handler needs none of them."""
+    import base64
+
+    event = {
+        "resource": "/cameras/{camera_id}/images",
+        "path": "/cameras/line-1-cam-2/images",
+        "httpMethod": "POST",
+        "headers": {"content-type": "image/png"},
+        "multiValueHeaders": {"content-type": ["image/png"]},
+        "pathParameters": {"camera_id": "line-1-cam-2"},
+        "requestContext": {"requestId": "req-0001", "stage": "full", "httpMethod": "POST"},
+        "body": base64.b64encode(elpv_image_bytes(2)).decode(),
+        "isBase64Encoded": True,
+    }
+    response = _service(scorer).handle(event)
+    assert response["statusCode"] == 200, response["body"]
+    body = _body(response)
+    assert (body["camera_id"], body["request_id"]) == ("line-1-cam-2", "req-0001")
