@@ -39,7 +39,8 @@ FORMAT_CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png"}
 JSON_CONTENT_TYPE = "application/json"
 # Used as DynamoDB keys and S3 key segments: keep them boring (no '/', no spaces).
 IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-# Request ids also allow '=' and '+': API Gateway HTTP API ids are base64 (e.g. "JFcJxjA5IAMEVqg=").
+# Request ids also allow '=' and '+': clients use base64 ids (e.g. "JFcJxjA5IAMEVqg=", like API Gateway's
+# extendedRequestId); REST request ids are UUIDs.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,127}$")
 _REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:=+-]")
 # Bytes of decode-time memory budgeted per decoded pixel: the decoded buffer (up to 4 bands), the

@@ -183,17 +183,17 @@ class InferenceService:
         """Serve one API Gateway REST proxy event; never raises (failures become JSON errors)."""
         caller = caller_from_event(event) if isinstance(event, dict) else Caller(arn="anonymous")
         trace = Trace(caller, aws_request_id=getattr(context, "aws_request_id", None))
-        if not is_rest_event(event):  # nothing to route on: answered here, as the resolver cannot
-            response = self._fail(trace, 400, "unsupported_event", "not an API Gateway REST proxy event")
-            return {
-                "statusCode": response.status_code,
-                "multiValueHeaders": {"Content-Type": [JSON]},
-                "body": response.body,
-                "isBase64Encoded": False,
-            }
-        gateway_id = (event.get("requestContext") or {}).get("requestId")
         with _RESOLVE_LOCK, self.store.deadline(storage_deadline(context)):
-            logger.set_correlation_id(gateway_id)
+            if not is_rest_event(event):  # nothing to route on: answered here, as the resolver cannot
+                logger.set_correlation_id(None)
+                response = self._fail(trace, 400, "unsupported_event", "not an API Gateway REST proxy event")
+                return {
+                    "statusCode": response.status_code,
+                    "multiValueHeaders": {"Content-Type": [JSON]},
+                    "body": response.body,
+                    "isBase64Encoded": False,
+                }
+            logger.set_correlation_id((event.get("requestContext") or {}).get("requestId"))
             self.app.append_context(trace=trace)
             return self.app.resolve(event, context)
 
