@@ -30,8 +30,11 @@ are not in it.
 Time budget: :meth:`ResultStore.deadline` sets, for the calling thread, the moment by which the
 request must be answered (the Lambda's remaining time less a reserve). Every HTTP attempt to S3 or
 DynamoDB, retries included, is started only if its worst case (connect + read timeout) ends before
-that moment; otherwise it raises :class:`OutOfTime` unsent, which is a retryable storage error
-(503) like an unreachable store, and a put refused on a retry counts as an unknown outcome (rule 4).
+that moment, together with the backoff botocore may sleep before the next attempt (at most
+``min(2 ** (n - 1), 20)`` s after attempt ``n``, botocore's standard mode; a server's
+``x-amz-retry-after`` could add more, which S3 and DynamoDB do not send); otherwise it raises
+:class:`OutOfTime` unsent, which is a retryable storage error (503) like an unreachable store, and
+a put refused on a retry counts as an unknown outcome (rule 4).
 
 Endpoints come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL_DYNAMODB``), which boto3 honours by itself.
@@ -124,7 +127,7 @@ class OutOfTime(BotoCoreError):
     ``kwargs["first_attempt"]`` tells whether an earlier attempt of the same call went out.
     """
 
-    fmt = "not started: {left_s:.2f} s left before the deadline, one attempt may take {attempt_s:.2f} s"
+    fmt = "not started: {left_s:.2f} s left before the deadline; attempt + backoff may take {attempt_s:.2f} s"
 
 
 _TRANSIENT_ERRORS = (
@@ -298,8 +301,11 @@ class ResultStore:
         for client in (self.s3, self.dynamodb):
             client_config = client.meta.config
             attempt_s = float(client_config.connect_timeout or 60) + float(client_config.read_timeout or 60)
+            retries = client_config.retries or {}
+            max_attempts = int(retries.get("total_max_attempts") or retries.get("max_attempts", 4) + 1)
             client.meta.events.register(
-                "before-send", functools.partial(self._refuse_late_attempt, attempt_s=attempt_s)
+                "before-send",
+                functools.partial(self._refuse_late_attempt, attempt_s=attempt_s, max_attempts=max_attempts),
             )
 
     @contextmanager
@@ -312,15 +318,20 @@ class ResultStore:
         finally:
             self._local.deadline = previous
 
-    def _refuse_late_attempt(self, request: Any, attempt_s: float, **_: Any) -> None:
-        """``before-send`` hook: raise :class:`OutOfTime` for an attempt that might end past the deadline."""
+    def _refuse_late_attempt(self, request: Any, attempt_s: float, max_attempts: int, **_: Any) -> None:
+        """``before-send`` hook: raise :class:`OutOfTime` for an attempt that might end past the deadline.
+
+        The attempt and the backoff sleep that may follow it must both fit: botocore sleeps before it
+        calls this hook again, so an unchecked sleep could outlast the deadline.
+        """
         at = getattr(self._local, "deadline", None)
         if at is None:
             return
+        attempt = int(((getattr(request, "context", None) or {}).get("retries") or {}).get("attempt", 1))
+        backoff_s = 0.0 if attempt >= max_attempts else min(2.0 ** (attempt - 1), 20.0)
         left = at - time.monotonic()
-        if left < attempt_s:
-            retries = (getattr(request, "context", None) or {}).get("retries") or {}
-            raise OutOfTime(left_s=left, attempt_s=attempt_s, first_attempt=retries.get("attempt", 1) == 1)
+        if left < attempt_s + backoff_s:
+            raise OutOfTime(left_s=left, attempt_s=attempt_s + backoff_s, first_attempt=attempt == 1)
 
     @classmethod
     def from_env(cls) -> ResultStore:

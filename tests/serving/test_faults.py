@@ -273,18 +273,19 @@ def test_storage_runs_against_the_lambdas_remaining_time(proxy: FaultProxy, scor
     service = InferenceService(scorer, store, RequestLimits())
     proxy.add("dynamodb:PutItem", "delay", 6, delay_s=3.0)  # each attempt times out after 1 s
     event = _event(elpv_image_bytes(4), key="late-1")
-    context = LocalContext(timeout_s=5.0)
+    context = LocalContext(timeout_s=6.0)
     response = service.handle(event, context)
     spare_ms = context.get_remaining_time_in_millis()
 
     assert proxy.fired()
-    assert response["statusCode"] == 503, response["body"]
+    assert response["statusCode"] == 503, (response["body"], proxy.fired())
     assert header(response, "retry-after") == "1"
     assert json.loads(response["body"])["error"]["code"] == "dynamodb_error"
     assert spare_ms >= 300, f"answered with only {spare_ms} ms of the Lambda's time left"
     fired_puts = sum(1 for operation, _ in proxy.fired() if operation == "dynamodb:PutItem")
-    assert fired_puts < 6  # the budget, not boto's attempt limit, ended the retries
-    proxy.wait_idle(timeout=15)
+    assert fired_puts < 6, proxy.fired()  # the budget, not boto's attempt limit, ended the retries
+    proxy.wait_idle(timeout=15)  # the late puts land
+    proxy.clear()
 
     retry = service.handle(event, LocalContext(timeout_s=30.0))
     proxy.wait_idle(timeout=15)
@@ -293,7 +294,8 @@ def test_storage_runs_against_the_lambdas_remaining_time(proxy: FaultProxy, scor
 
 
 def test_too_little_time_left_starts_no_storage_call(aws_resources: str, scorer: Scorer) -> None:
-    """With less time left than one attempt may take (2 s connect + 5 s read), nothing is sent."""
+    """With less time left than one attempt and its backoff may take (2 s connect + 5 s read + 1 s),
+    nothing is sent."""
     from tools.local_server import LocalContext
 
     service = InferenceService(scorer, ResultStore(TABLE, BUCKET, "results/"), RequestLimits())
