@@ -81,11 +81,9 @@ def shown(value: Any) -> str:
     """
     if isinstance(value, str):
         return repr(value[:_ECHO_CHARS] + ("..." if len(value) > _ECHO_CHARS else ""))
-    if isinstance(value, bool) or value is None:
+    if value is None or isinstance(value, bool | float):
         return repr(value)
-    if isinstance(value, float):
-        return repr(value)
-    return f"a JSON {type(value).__name__}" if not isinstance(value, int) else "an integer"
+    return "an integer" if isinstance(value, int) else f"a JSON {type(value).__name__}"
 
 
 def _env_int(name: str, default: int) -> int:

@@ -178,3 +178,20 @@ def test_png_text_chunk_bomb_is_refused() -> None:
     assert len(bomb) < 50_000
     error = _error(v1_event(bomb, {"content-type": "image/png"}))
     assert error.status == 422 and error.code in {"invalid_image", "image_too_large"}
+
+
+@pytest.mark.parametrize("field", ["threshold", "sensitivity"])
+@pytest.mark.parametrize(
+    "value",
+    [10**400, 10**5000, -(10**400), float("inf")],
+    ids=["400-digits", "5001-digits", "negative", "inf"],
+)
+def test_numbers_beyond_float_range_are_400_and_not_echoed(field: str, value: object) -> None:
+    """``float()`` of a 400-digit int raises OverflowError and ``repr`` of a 5,000-digit one raises
+    ValueError: both must end as the option's 400, with a short message."""
+    from serving.events import parse_answer_options
+
+    with pytest.raises(RequestError) as info:
+        parse_answer_options({field: value}, {})
+    assert (info.value.status, info.value.code) == (400, f"invalid_{field}")
+    assert len(info.value.message) < 120
