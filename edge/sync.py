@@ -165,6 +165,18 @@ class Syncer:
         if entry.overlay_evicted or entry.overlay_file is None:
             extra["overlay_evicted"] = True
         record = dataclasses.replace(entry.record, extra=extra)
+        # Look up first, as the Lambda does before scoring: an earlier life of this agent may have
+        # stored the item and died before marking it synced. Writing new objects then would only
+        # create objects for save() to delete again - and if this life died in between, objects
+        # no item references. On a found item, sweep the request's prefix with the store's own
+        # rule, so objects of an attempt killed between its S3 puts and its put are not left behind.
+        existing = self.store.get(record.camera_id, record.request_id)
+        if existing is not None:
+            if existing.get("fingerprint") != record.fingerprint:
+                raise IdempotencyConflict(existing)
+            self.store._sweep(record, existing)
+            self.metrics.inc("vi_edge_sync_replayed_total")
+            return str(existing.get("result_uri") or "")
         outcome = self.store.save(record, overlay, mask_png=mask)
         crash_point("after_put")
         if outcome.replayed:

@@ -57,7 +57,9 @@ def _images() -> list[bytes]:
 def test_edge_answer_equals_lambda_answer(cloud, make_config, agent_factory, serving_model_dir: Path) -> None:
     from core.scoring import Scorer
 
-    service = InferenceService(Scorer.from_dir(serving_model_dir), ResultStore(TABLE, BUCKET), RequestLimits())
+    service = InferenceService(
+        Scorer.from_dir(serving_model_dir), ResultStore(TABLE, BUCKET), RequestLimits()
+    )
     agent = agent_factory(make_config())
     port = agent.http.port
     verdicts = set()
