@@ -14,14 +14,16 @@ complete folder), then checked:
 
 Only then is ``current.json`` (``{"slot": "b", ...}``) replaced (temp + fsync + rename) and the
 in-memory scorer swapped under a lock, between two images. A version that fails a check is
-remembered in ``rejected.json`` and not tried again. After a switch, ``rollback_after_errors``
-consecutive scoring failures put the previous slot back (it was left untouched) and reject the
-new version. At start the pointer's slot is verified the same way; if it fails, the other slot is
-used. The published folder is a local path or ``s3://bucket/prefix/``.
+remembered in ``rejected.json`` (by the sha256 of its ``metadata.json``, which names the model's
+sha256, so a re-published threshold is a new version too) and not tried again. After a switch,
+``rollback_after_errors`` consecutive scoring failures put the previous slot back (it was left
+untouched) and reject the new version. At start the pointer's slot is verified the same way; if it
+fails, the other slot is used. The published folder is a local path or ``s3://bucket/prefix/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -52,7 +54,8 @@ class LiveModel:
     scorer: Scorer
     slot: str
     version: str
-    sha256: str
+    sha256: str  # of the model file
+    digest: str  # of metadata.json (names the model's sha256): a new threshold is a new version too
 
 
 def write_reference(model_dir: Path, images: list[Path], scorer: Scorer | None = None) -> Path:
@@ -136,10 +139,11 @@ class ModelManager:
     def rejected(self) -> set[str]:
         return set(self._read_json("rejected.json", []))
 
-    def _reject(self, sha256: str, reason: str) -> None:
-        self._write_json("rejected.json", sorted(self.rejected | {sha256}))
+    def _reject(self, digest: str, reason: str) -> None:
+        """Remember a metadata digest that failed, so the same publication is not tried again."""
+        self._write_json("rejected.json", sorted(self.rejected | {digest}))
         self.metrics.inc("vi_edge_model_rejected_total")
-        log.error("model rejected", extra={"model_sha256": sha256, "reason": reason})
+        log.error("model rejected", extra={"metadata_sha256": digest, "reason": reason})
 
     # -- live model -------------------------------------------------------------------------
     @property
@@ -167,29 +171,35 @@ class ModelManager:
             self._switch(live)
             return live
         if self.config.dir is not None:
-            self.install(str(self.config.dir))
+            self.install(str(self.config.dir), require_reference=False)
         return self._live
 
-    def _verify(self, folder: Path, slot: str, *, reference: bool = False) -> LiveModel:
+    def _verify(
+        self, folder: Path, slot: str, *, reference: bool = False, require_reference: bool | None = None
+    ) -> LiveModel:
         if not (folder / METADATA_FILE).is_file():
             raise ModelRejected(f"{folder}: no model")
         meta = load_metadata(folder, verify_sha256=True)
         scorer = Scorer.from_dir(folder, verify_sha256=False, intra_op_threads=1)
         if reference:
-            self._check_parity(folder, scorer)
-        return LiveModel(scorer=scorer, slot=slot, version=meta.registry_version, sha256=meta.model_sha256)
+            required = self.config.require_reference if require_reference is None else require_reference
+            self._check_parity(folder, scorer, required)
+        digest = hashlib.sha256((folder / METADATA_FILE).read_bytes()).hexdigest()
+        return LiveModel(
+            scorer=scorer, slot=slot, version=meta.registry_version, sha256=meta.model_sha256, digest=digest
+        )
 
-    def _check_parity(self, folder: Path, scorer: Scorer) -> None:
+    def _check_parity(self, folder: Path, scorer: Scorer, required: bool) -> None:
         path = folder / REFERENCE_FILE
         if not path.is_file():
-            if self.config.require_reference:
+            if required:
                 raise ModelRejected(f"{folder}: no {REFERENCE_FILE}: the champion must ship reference images")
             return
         try:
             images = json.loads(path.read_text(encoding="utf-8"))["images"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelRejected(f"{path}: not a reference list ({exc})") from exc
-        if not images and self.config.require_reference:
+        if not images and required:
             raise ModelRejected(f"{path}: lists no reference images")
         for ref in images:
             score = scorer.score((folder / ref["file"]).read_bytes()).score
@@ -206,7 +216,7 @@ class ModelManager:
             )
             self._live = live
             self._errors = 0
-        self._write_json("current.json", {"slot": live.slot, "version": live.version, "sha256": live.sha256})
+        self._write_json("current.json", {"slot": live.slot, "version": live.version, "digest": live.digest})
         self.metrics.set("vi_edge_model_version_info", 1, {"version": live.version, "slot": live.slot})
         log.info(
             "model live",
@@ -214,16 +224,21 @@ class ModelManager:
         )
 
     # -- updates ----------------------------------------------------------------------------
-    def install(self, uri: str) -> LiveModel | None:
-        """Download ``uri`` into the idle slot, verify, switch; ``None`` when it is already live."""
+    def install(self, uri: str, *, require_reference: bool | None = None) -> LiveModel | None:
+        """Download ``uri`` into the idle slot, verify, switch; ``None`` when it is already live.
+
+        ``require_reference`` defaults to ``model.require_reference``; the operator's own
+        ``model.dir`` is installed without requiring reference images (they are checked if present).
+        """
         source = _Source(uri, self.s3_client)
         try:
-            published = json.loads(source.read(METADATA_FILE))
+            raw = source.read(METADATA_FILE)
+            published = json.loads(raw)
         except Exception as exc:
-            raise ModelRejected(f"{uri}: cannot read {METADATA_FILE} ({exc})") from exc
-        sha = str(published.get("model_sha256", "")).lower()
+            raise RuntimeError(f"{uri}: cannot read {METADATA_FILE} ({exc})") from exc
+        sha = hashlib.sha256(raw).hexdigest()  # the version's identity: its metadata digest
         live = self._live
-        if live is not None and live.sha256 == sha:
+        if live is not None and live.digest == sha:
             return None
         if sha in self.rejected:
             return None
@@ -241,7 +256,7 @@ class ModelManager:
             with atomic_directory(target) as staging:
                 source.download(staging, names)
             fsync_dir(self.root)
-            candidate = self._verify(target, slot, reference=True)
+            candidate = self._verify(target, slot, reference=True, require_reference=require_reference)
         except (ModelRejected, ModelMetadataError, ScoringError, OSError, KeyError, ValueError) as exc:
             self.last_check = {"uri": uri, "sha256": sha, "ok": False, "error": str(exc)}
             self._reject(sha, str(exc))
@@ -277,7 +292,7 @@ class ModelManager:
         except Exception as exc:
             log.error("rollback impossible: the previous slot failed verification", extra={"error": str(exc)})
             return
-        self._reject(live.sha256, f"{self.config.rollback_after_errors} scoring failures in a row")
+        self._reject(live.digest, f"{self.config.rollback_after_errors} scoring failures in a row")
         self._switch(restored)
         with self._lock:
             self._previous = None  # the bad slot is not a rollback target

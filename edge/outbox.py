@@ -172,6 +172,9 @@ class Outbox:
             self.root / "outbox.sqlite3", isolation_level=None, check_same_thread=False
         )
         self._db.execute("PRAGMA journal_mode=WAL")
+        # The WAL counts against the cap: keep it to ~1 MB between checkpoints.
+        self._db.execute("PRAGMA wal_autocheckpoint=256")
+        self._db.execute("PRAGMA journal_size_limit=1048576")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
         self._db.executescript(SCHEMA)
         self._file_bytes = self._db.execute("SELECT COALESCE(SUM(file_bytes), 0) FROM results").fetchone()[0]
