@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from edge.agent import run as run_agent
 
-    return run_agent(config)
+    try:
+        return run_agent(config)
+    except ConfigError as exc:  # found while building the agent (e.g. no AWS region for the cloud)
+        print(f"vi-edge: {args.config}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

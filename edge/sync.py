@@ -9,9 +9,9 @@ never holds an item without its objects or an object without its item, exactly a
 
 Order and pace: results go in commit order per camera (a camera whose oldest pending result fails
 waits; other cameras carry on), in batches of ``cloud.batch_size``, cameras in parallel up to
-``cloud.workers``. After a failed batch the next try waits an exponentially growing, fully
-jittered delay (``backoff_initial_s`` doubling up to ``backoff_max_s``), so a fleet of agents
-coming back online does not hammer the API at the same instant.
+``cloud.workers``. After a failed batch the next try waits an exponentially growing, jittered
+delay (``backoff_initial_s`` doubling up to ``backoff_max_s``, drawn uniformly from the upper half
+of that cap), so a fleet of agents coming back online does not hammer the API at the same instant.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def make_store(cloud: CloudConfig) -> ResultStore:
     kwargs: dict[str, Any] = {"config": config}
     if cloud.region:
         kwargs["region_name"] = cloud.region
+    elif not boto3.session.Session().region_name:
+        from edge.config import ConfigError
+
+        raise ConfigError("cloud.region: required (or set AWS_REGION / AWS_DEFAULT_REGION)")
     if cloud.endpoint_url:
         kwargs["endpoint_url"] = cloud.endpoint_url
     return ResultStore(
@@ -58,7 +62,10 @@ def make_store(cloud: CloudConfig) -> ResultStore:
 
 
 def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(maximum, initial * 2**(failures-1))]."""
+    """Exponential backoff with "equal jitter": uniform in [cap/2, cap], cap = min(max, initial*2**(n-1)).
+
+    Not full jitter (uniform from 0): a retry right after a failure would only meet the same outage.
+    """
     if failures <= 0:
         return 0.0
     cap = min(maximum, initial * 2 ** min(failures - 1, 30))

@@ -237,3 +237,16 @@ def test_sync_keeps_camera_order(cloud, make_config, tmp_path: Path) -> None:
     assert [e.sync_state for e in agent.outbox.pending(100)] == []
     assert agent.outbox.get("cam-o", "o-01").sync_state != PENDING
     agent.outbox.close()
+
+
+def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
+    import random
+
+    from edge.sync import backoff_delay
+
+    rng = random.Random(0)
+    assert backoff_delay(0, 1.0, 60.0, rng) == 0.0
+    for failures, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (40, 60.0)):
+        delays = [backoff_delay(failures, 1.0, 60.0, rng) for _ in range(200)]
+        assert all(cap / 2 <= d <= cap for d in delays)
+        assert len({round(d, 6) for d in delays}) > 150, "jittered, not one fixed delay"
