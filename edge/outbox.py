@@ -14,8 +14,9 @@ A row never names a file that is not complete (files first, row second; eviction
 change before unlinking). The row's key is the cloud's key, ``(camera_id, request_id)``, so a
 source that re-submits the same input after a crash finds its result instead of storing a second one.
 
-**Disk cap** (``outbox.max_bytes``: files + database). When a new result would exceed it, space is
-freed in this order, oldest first, each counted in :meth:`Outbox.stats`:
+**Disk cap** (``outbox.max_bytes``: files + database + WAL, held to within ``ROW_RESERVE`` - the
+database pages a commit or a counter update may add after the check). When a new result would
+exceed it, space is freed in this order, oldest first, each counted in :meth:`Outbox.stats`:
 
 1. overlay + mask files of results already in the cloud (normal images before anomalous ones);
 2. overlays of *normal* images not yet synced (the verdict, score, regions and mask stay; the
@@ -70,6 +71,7 @@ CREATE INDEX IF NOT EXISTS results_time ON results (camera_id, captured_at, requ
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 PENDING, SYNCED, CONFLICT = "pending", "synced", "conflict"
+ROW_RESERVE = 16 * 1024
 _COLUMNS = (
     "seq, camera_id, request_id, captured_at, is_anomalous, fingerprint, source, record, overlay_file, "
     "mask_file, overlay_evicted, file_bytes, created_at, sync_state, synced_at, cloud_uri"
@@ -275,8 +277,12 @@ class Outbox:
         return self._file_bytes + db
 
     def _make_room(self, needed: int) -> None:
-        """Evict by the policy in the module docstring until ``needed`` fits, else :class:`OutboxFull`."""
-        over = self._used() + needed - self.max_bytes
+        """Evict by the policy in the module docstring until ``needed`` fits, else :class:`OutboxFull`.
+
+        ``ROW_RESERVE`` is what the row's commit may add to the database and its WAL (a few pages),
+        so the cap holds after the commit too.
+        """
+        over = self._used() + needed + ROW_RESERVE - self.max_bytes
         if over <= 0:
             return
         steps = (

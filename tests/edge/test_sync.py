@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 
 from core.scoring import Scorer
-from edge.outbox import PENDING
+from edge.outbox import PENDING, ROW_RESERVE
 from serving.events import RequestLimits
 from serving.service import InferenceService
 from serving.storage import ResultStore
@@ -250,3 +250,53 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
         delays = [backoff_delay(failures, 1.0, 60.0, rng) for _ in range(200)]
         assert all(cap / 2 <= d <= cap for d in delays)
         assert len({round(d, 6) for d in delays}) > 150, "jittered, not one fixed delay"
+
+
+def test_full_outbox_backpressures_the_folder_until_sync_frees_space(
+    cloud, make_config, agent_factory, tmp_path: Path, serving_model_dir: Path
+) -> None:
+    """Cloud down, cap reached: files wait in the folder; cloud back: synced files go, the rest flows."""
+    proxy = FaultProxy(cloud["endpoint_url"]).start()
+    try:
+        for operation in ALL_OPERATIONS:
+            proxy.add(operation, "close_before", times=10**9)
+        folder = tmp_path / "in"
+        config = make_config(
+            sources=[{"type": "folder", "camera_id": "cam-d", "path": str(folder), "poll_s": 0.05}],
+            outbox={"max_bytes": "2500K"},
+            cloud={
+                "table": TABLE,
+                "bucket": BUCKET,
+                "endpoint_url": proxy.url,
+                "interval_s": 0.05,
+                "backoff_initial_s": 0.05,
+                "backoff_max_s": 0.2,
+                "connect_timeout_s": 1,
+                "read_timeout_s": 2,
+            },
+        )
+        agent = agent_factory(config)
+        for i in range(40):
+            drop_file(folder, f"d{i:03d}.png", tiny_png(9000 + i, 160))
+        wait_for(lambda: agent.outbox.stats().get("refused_full", 0) >= 1, 60, "the cap to be reached", 0.1)
+        waiting = len(list(folder.glob("*.png")))
+        assert waiting > 0, "refused files stay in the folder"
+        stored = agent.outbox.stats()["results"]
+        assert stored + waiting == 40
+        assert agent.outbox.stats()["bytes"] <= 2500 * 1024 + ROW_RESERVE
+
+        proxy.clear()
+        wait_for(lambda: agent.outbox.stats()["synced"] == 40, 120, "all 40 stored and synced", 0.2)
+        assert not list(folder.glob("*.png"))
+        stats = agent.outbox.stats()
+        assert stats["evicted_synced_files"] > 0
+        counts = check_cloud_equals_local(
+            agent.outbox,
+            ["cam-d"],
+            serving_model_dir,
+            agent_id="test-agent",
+            version=agent.models.live.version,
+        )
+        assert counts["cloud"] == 40 and counts["local"] == 40
+    finally:
+        proxy.stop()
