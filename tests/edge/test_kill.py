@@ -3,19 +3,25 @@
 Each life of the agent is a real process killed with SIGKILL: either from outside after a random
 time, or from inside at a named point (:mod:`edge.crash`) - files written but no row, row committed
 but the input not yet removed, item stored in the cloud but not marked synced - which random outside
-kills would rarely hit. Lives are forked from a preloaded launcher (``tests/edge/launcher.py``) so a
-life costs tens of milliseconds of start-up instead of seconds of imports.
+kills would rarely hit. Meanwhile a camera posts through the HTTP API and retries each image with
+its idempotency key until it gets 200. Lives are forked from a preloaded launcher
+(``tests/edge/launcher.py``), so a life costs tens of milliseconds of start-up, not seconds of imports.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -25,12 +31,38 @@ from edge.sources import folder_request_id
 from tests.edge.conftest import BUCKET, TABLE, drop_file, tiny_png
 from tests.edge.test_sync import check_cloud_equals_local
 
-IMAGES = 240
+IMAGES = 200
+HTTP_IMAGES = 40
 MIN_KILLS = 50
 MAX_SECONDS = 100
 
 
-def _write_config(path: Path, state: Path, folder: Path, champion: Path, endpoint: str) -> None:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _http_camera(port: int, keys: list[str], stop: threading.Event, answers: dict[str, dict]) -> None:
+    """A camera posting through the agent's HTTP API, retrying each image with its key until 200."""
+    for i, key in enumerate(keys):
+        data = tiny_png(40_000 + i)
+        while not stop.is_set():
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/cameras/cam-h/images",
+                data=data,
+                headers={"content-type": "image/png", "idempotency-key": key},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answers[key] = json.loads(response.read())
+                    break
+            except (OSError, http.client.HTTPException):  # refused, reset, 429/503/507, killed mid-answer
+                time.sleep(0.05)
+
+
+def _write_config(path: Path, state: Path, folder: Path, champion: Path, endpoint: str, port: int) -> None:
     path.write_text(
         yaml.safe_dump(
             {
@@ -38,7 +70,7 @@ def _write_config(path: Path, state: Path, folder: Path, champion: Path, endpoin
                 "state_dir": str(state),
                 "model": {"dir": str(champion)},
                 "sources": [{"type": "folder", "camera_id": "cam-k", "path": str(folder), "poll_s": 0.02}],
-                "http": {"enabled": False},
+                "http": {"host": "127.0.0.1", "port": port},
                 "queue": {"max_depth": 4},
                 "cloud": {
                     "table": TABLE,
@@ -53,6 +85,14 @@ def _write_config(path: Path, state: Path, folder: Path, champion: Path, endpoin
             }
         )
     )
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _pending(state: Path) -> int:
@@ -70,7 +110,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
 ) -> None:
     folder, state, config = tmp_path / "in", tmp_path / "state", tmp_path / "edge.yaml"
     folder.mkdir()
-    _write_config(config, state, folder, champion_dir, cloud["endpoint_url"])
+    port = _free_port()
+    _write_config(config, state, folder, champion_dir, cloud["endpoint_url"], port)
     expected = set()
     for i in range(IMAGES):
         data = tiny_png(20_000 + i)
@@ -94,11 +135,18 @@ def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
         launcher.stdin.flush()
         return launcher.stdout.readline().strip()
 
+    keys = [f"h-{i:03d}" for i in range(HTTP_IMAGES)]
+    answers: dict[str, dict] = {}
+    stop_camera = threading.Event()
+    camera = threading.Thread(target=_http_camera, args=(port, keys, stop_camera, answers), daemon=True)
+    camera.start()
     rng = random.Random(16)
     kills = self_kills = 0
     started = time.monotonic()
     try:
-        while (kills < MIN_KILLS or any(folder.glob("*.png"))) and time.monotonic() - started < MAX_SECONDS:
+        while (kills < MIN_KILLS or any(folder.glob("*.png")) or camera.is_alive()) and (
+            time.monotonic() - started < MAX_SECONDS
+        ):
             pid = int(ask(f"start {config}"))
             answer = ask(f"wait {pid} {rng.uniform(0.1, 1.2):.3f}")
             if answer == "alive":
@@ -114,11 +162,15 @@ def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
         # A last life without crash points drains the rest, then stops cleanly on SIGTERM.
         pid = int(ask(f"start {config} nocrash"))
         deadline = time.monotonic() + 60
+        while not _healthy(port) and time.monotonic() < deadline:  # signal handlers are set by then
+            time.sleep(0.05)
         while (any(folder.glob("*.png")) or _pending(state) != 0) and time.monotonic() < deadline:
             time.sleep(0.2)
         os.kill(pid, signal.SIGTERM)
         assert ask(f"reap {pid}") == "0"
     finally:
+        stop_camera.set()
+        camera.join(30)
         assert launcher.stdin is not None
         launcher.stdin.close()
         launcher.wait(30)
@@ -128,10 +180,14 @@ def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
     try:
         entries, _ = outbox.query("cam-k", since=None, until=None, limit=10_000, next_token=None)
         assert {e.request_id for e in entries} == expected, "each input has exactly one local result"
+        posted, _ = outbox.query("cam-h", since=None, until=None, limit=10_000, next_token=None)
+        assert sorted(answers) == keys, "every HTTP image got its 200 in the end"
+        assert {e.request_id: e.record.score for e in posted} == {k: a["score"] for k, a in answers.items()}
         counts = check_cloud_equals_local(
-            outbox, ["cam-k"], serving_model_dir, agent_id="kill-agent", version="0"
+            outbox, ["cam-k", "cam-h"], serving_model_dir, agent_id="kill-agent", version="0"
         )
-        assert counts == {"local": IMAGES, "cloud": IMAGES, "objects": 2 * IMAGES}
+        total = IMAGES + HTTP_IMAGES
+        assert counts == {"local": total, "cloud": total, "objects": 2 * total}
         print(f"{kills} kills ({self_kills} at crash points) in {time.monotonic() - started:.0f} s; {counts}")
     finally:
         outbox.close()
