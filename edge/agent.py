@@ -259,8 +259,11 @@ class Agent:
         self._threads.append(thread)
 
     def _follow_loop(self) -> None:
-        while not self._stop.wait(self.config.model.poll_s):
+        """Check the published champion now, then every ``model.poll_s`` (never blocks scoring)."""
+        while True:
             self.models.poll()
+            if self._stop.wait(self.config.model.poll_s):
+                return
 
     def start(self) -> None:
         """Load the model, then start scoring, sync, model follow, HTTP and sources (in that order)."""
@@ -268,8 +271,8 @@ class Agent:
         from edge.sources import make_source
 
         self.models.start()
-        if self.config.model.follow:
-            self.models.poll()
+        if self.models._live is None and self.config.model.follow:
+            self.models.poll()  # nothing to score with yet: the champion is needed now
         if self.models._live is None:
             raise ScoringError("no usable model: model.dir and model.follow gave nothing that verifies")
         self._thread(self._score_loop, "score")

@@ -15,7 +15,9 @@ complete folder), then checked:
 Only then is ``current.json`` (``{"slot": "b", ...}``) replaced (temp + fsync + rename) and the
 in-memory scorer swapped under a lock, between two images. A version that fails a check is
 remembered in ``rejected.json`` (by the sha256 of its ``metadata.json``, which names the model's
-sha256, so a re-published threshold is a new version too) and not tried again. After a switch,
+sha256, so a re-published threshold is a new version too) and not tried again; a download whose
+sha256 does not match (truncated, corrupt, or a publisher still copying) is never used and is
+retried at the next poll, up to ``DOWNLOAD_ATTEMPTS`` times. After a switch,
 ``rollback_after_errors`` consecutive scoring failures put the previous slot back (it was left
 untouched) and reject the new version. At start the pointer's slot is verified the same way; if it
 fails, the other slot is used. The published folder is a local path or ``s3://bucket/prefix/``.
@@ -30,7 +32,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from core.contract import METADATA_FILE, ModelMetadataError, load_metadata
 from core.files import atomic_directory
@@ -41,6 +43,7 @@ from edge.outbox import fsync_dir, write_durable
 log = logging.getLogger("edge.models")
 REFERENCE_FILE = "reference.json"
 SLOTS = ("a", "b")
+DOWNLOAD_ATTEMPTS = 3
 
 
 class ModelRejected(RuntimeError):
@@ -90,8 +93,11 @@ class _Source:
             )
             if self.s3 is None:
                 import boto3
+                from botocore.config import Config
 
-                self.s3 = boto3.client("s3")
+                # Short timeouts: a poll while the network is down must not hang the follow thread.
+                config = Config(connect_timeout=5, read_timeout=60, retries={"total_max_attempts": 2})
+                self.s3 = boto3.client("s3", config=config)
         elif "://" in uri:
             raise ModelRejected(f"model.follow {uri!r}: only local folders and s3:// are supported")
 
@@ -123,6 +129,7 @@ class ModelManager:
         self._live: LiveModel | None = None
         self._previous: str | None = None  # slot to roll back to after a switch
         self._errors = 0
+        self._failures: dict[str, int] = {}  # failed downloads per publication (metadata digest)
         self.last_check: dict[str, Any] = {}
 
     # -- state files ------------------------------------------------------------------------
@@ -250,6 +257,9 @@ class ModelManager:
             pass
         slot = next(s for s in SLOTS if live is None or s != live.slot)
         target = self.root / slot
+        with self._lock:
+            if self._previous == slot:  # about to be overwritten: no longer a rollback target
+                self._previous = None
         try:
             if any(".." in Path(n).parts or Path(n).is_absolute() for n in names):
                 raise ModelRejected("published file names must stay inside the folder")
@@ -257,18 +267,32 @@ class ModelManager:
                 source.download(staging, names)
             fsync_dir(self.root)
             candidate = self._verify(target, slot, reference=True, require_reference=require_reference)
-        except (ModelRejected, ModelMetadataError, ScoringError, OSError, KeyError, ValueError) as exc:
+        except ModelMetadataError as exc:  # a ValueError, but mostly a sha256 mismatch: see below
+            self._download_failed(uri, sha, target, exc)
+        except (ModelRejected, ScoringError, KeyError, ValueError) as exc:
+            # The model itself is wrong (input size, parity, no reference, bad outputs): final.
+            shutil.rmtree(target, ignore_errors=True)
             self.last_check = {"uri": uri, "sha256": sha, "ok": False, "error": str(exc)}
             self._reject(sha, str(exc))
-            shutil.rmtree(target, ignore_errors=True)
             raise ModelRejected(str(exc)) from exc
-        except Exception as exc:  # download failed (network): not the model's fault, try again later
-            self.last_check = {"uri": uri, "sha256": sha, "ok": False, "error": f"download: {exc}"}
-            raise
+        except Exception as exc:
+            self._download_failed(uri, sha, target, exc)
         self.last_check = {"uri": uri, "sha256": sha, "ok": True}
         self._switch(candidate)
         self.metrics.inc("vi_edge_model_updates_total")
         return candidate
+
+    def _download_failed(self, uri: str, sha: str, target: Path, exc: Exception) -> NoReturn:
+        """sha256 mismatch, truncated or failed download: possibly transient (a publisher still
+        copying, a dropped connection). Never used; retried at the next poll, and rejected for good
+        only after ``DOWNLOAD_ATTEMPTS`` failures of the same publication."""
+        shutil.rmtree(target, ignore_errors=True)
+        self.last_check = {"uri": uri, "sha256": sha, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self.metrics.inc("vi_edge_model_download_failures_total")
+        self._failures[sha] = self._failures.get(sha, 0) + 1
+        if self._failures[sha] >= DOWNLOAD_ATTEMPTS:
+            self._reject(sha, f"{DOWNLOAD_ATTEMPTS} failed downloads: {exc}")
+        raise ModelRejected(str(exc)) from exc
 
     def poll(self) -> None:
         """One check of ``model.follow`` (errors are logged, never raised: the live model stays)."""

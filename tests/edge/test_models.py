@@ -81,9 +81,18 @@ def test_truncated_download_wrong_input_size_and_parity_failure_are_rejected(cha
 
     truncated = publish(champion_dir, tmp_path / "p1", "8")
     data = (truncated / "model.onnx").read_bytes()
-    (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
+    (truncated / "model.onnx").write_bytes(data[: len(data) // 2])  # a publisher still copying
     with pytest.raises(ModelRejected, match="sha256"):
         models.install(str(truncated))
+    assert models.live is live and not list((tmp_path / "models").glob("b*")), "never staged as usable"
+    (truncated / "model.onnx").write_bytes(data)  # the copy completes: the next poll installs it
+    assert models.install(str(truncated)).version == "8"
+    live = models.live
+    corrupt = publish(champion_dir, tmp_path / "p1c", "8c")
+    (corrupt / "model.onnx").write_bytes(b"\0" * 1000)  # corrupt for good
+    for _ in range(3):
+        with pytest.raises(ModelRejected, match="sha256"):
+            models.install(str(corrupt))
 
     wrong_size = publish(champion_dir, tmp_path / "p2", "9")
     meta = json.loads((wrong_size / "metadata.json").read_text())
@@ -106,7 +115,7 @@ def test_truncated_download_wrong_input_size_and_parity_failure_are_rejected(cha
 
     assert models.live is live, "the live model never changed"
     assert len(models.rejected) == 4
-    assert models.install(str(truncated)) is None, "a rejected publication is not tried again"
+    assert models.install(str(corrupt)) is None, "a rejected publication is not tried again"
     good = publish(champion_dir, tmp_path / "p5", "12")
     assert models.install(str(good)).version == "12"
 
