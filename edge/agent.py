@@ -34,6 +34,8 @@ from serving.events import RequestLimits, ScoringRequest, decode_image
 from serving.storage import IdempotencyConflict, ResultRecord
 
 log = logging.getLogger("edge.agent")
+BACKPRESSURE_LOG_S = 10.0
+STATUS_LOG_S = 60.0
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Agent:
                 metrics=self.metrics,
             )
         self._stop = threading.Event()
+        self._last_backpressure_log: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
         self.sources: list[Any] = []
         self.http: Any = None
@@ -119,11 +122,25 @@ class Agent:
 
     # -- queue ------------------------------------------------------------------------------
     def try_submit(self, job: Job) -> bool:
-        """Queue ``job`` unless the queue is full (never blocks); a refusal is counted per source."""
+        """Queue ``job`` unless the queue is full (never blocks); a refusal is counted per source
+        and logged at most once per ``BACKPRESSURE_LOG_S`` per source (a flood must not flood the log)."""
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             self.metrics.inc("vi_edge_backpressure_total", labels={"source": job.source})
+            now = time.monotonic()
+            if now - self._last_backpressure_log.get(job.source, -BACKPRESSURE_LOG_S) >= BACKPRESSURE_LOG_S:
+                self._last_backpressure_log[job.source] = now
+                log.warning(
+                    "scoring is behind: applying the source's backpressure policy",
+                    extra={
+                        "source": job.source,
+                        "queue_depth": self.queue.qsize(),
+                        "refused_total": self.metrics.value(
+                            "vi_edge_backpressure_total", {"source": job.source}
+                        ),
+                    },
+                )
             return False
         return True
 
@@ -258,6 +275,15 @@ class Agent:
         thread.start()
         self._threads.append(thread)
 
+    def _report_loop(self) -> None:
+        """One JSON status line a minute: queue, outbox, sync and every counter (drops, refusals)."""
+        while not self._stop.wait(STATUS_LOG_S):
+            status = self.status()
+            log.info(
+                "status",
+                extra={k: status[k] for k in ("model", "queue", "outbox", "sync", "counters")},
+            )
+
     def _follow_loop(self) -> None:
         """Check the published champion now, then every ``model.poll_s`` (never blocks scoring)."""
         while True:
@@ -276,6 +302,7 @@ class Agent:
         if self.models._live is None:
             raise ScoringError("no usable model: model.dir and model.follow gave nothing that verifies")
         self._thread(self._score_loop, "score")
+        self._thread(self._report_loop, "status-log")
         if self.config.model.follow:
             self._thread(self._follow_loop, "model-follow")
         if self.syncer is not None:

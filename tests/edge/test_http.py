@@ -58,7 +58,7 @@ def test_routes_replay_conflict_and_errors_match_the_cloud(make_config, agent_fa
     assert status == 404
 
 
-def test_busy_scorer_answers_429_with_retry_after(make_config, agent_factory) -> None:
+def test_busy_scorer_answers_429_with_retry_after(make_config, agent_factory, caplog) -> None:
     agent = agent_factory(make_config(queue={"max_depth": 1}))
     port = agent.http.port
     release = threading.Event()
@@ -88,6 +88,8 @@ def test_busy_scorer_answers_429_with_retry_after(make_config, agent_factory) ->
         worker.join(30)
     assert sorted(results) == [200, 200]
     assert agent.metrics.value("vi_edge_backpressure_total", {"source": "http"}) == 1
+    logged = [r for r in caplog.records if r.name == "edge.agent" and "backpressure" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].source == "http"
 
 
 def test_full_outbox_answers_507_and_keeps_every_verdict(make_config, agent_factory) -> None:
