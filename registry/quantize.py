@@ -250,7 +250,12 @@ def separable_blur(model: Any, tolerance: float = 1e-6) -> int:
 
 
 def quantize_model(fp32: Path, out: Path, calibration: list[np.ndarray]) -> Path:
-    """Write the INT8 (QDQ) version of ``fp32`` to ``out``, calibrated on ``calibration`` inputs."""
+    """Write the INT8 (QDQ) version of ``fp32`` to ``out``, calibrated on ``calibration`` inputs.
+
+    Steps: ONNX Runtime's pre-processing (shape inference, constant folding), the exact separable
+    rewrite of the map blur (:func:`separable_blur`), then static quantization of
+    :func:`backbone_nodes`. Any failure is a :class:`QuantizeError` naming ``fp32``.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -259,29 +264,32 @@ def quantize_model(fp32: Path, out: Path, calibration: list[np.ndarray]) -> Path
         raise QuantizeError("no calibration images (the validation split has no normal image)")
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # Shape inference + constant folding first, as ONNX Runtime recommends before quantizing.
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        model = onnx.load(str(prepared))
-        separable_blur(model)
-        onnx.save(model, str(prepared))
-        nodes = backbone_nodes(model)
-        if not nodes:
-            raise QuantizeError(f"{fp32}: no multi-channel convolution found to quantize")
-        input_name = model.graph.input[0].name
-        quantize_static(
-            str(prepared),
-            str(out),
-            _calibration_reader(calibration, input_name),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=nodes,
-            calibrate_method=CalibrationMethod.MinMax,
-            # uint8 activations with a zero point (ReLU6 outputs are >= 0: a symmetric int8 range would
-            # waste half its codes), symmetric int8 weights: ONNX Runtime's u8s8 kernels (VNNI on x86)
-            extra_options={"WeightSymmetric": True},
-        )
+        try:
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            model = onnx.load(str(prepared))
+            separable_blur(model)
+            onnx.save(model, str(prepared))
+            nodes = backbone_nodes(model)
+            if not nodes:
+                raise QuantizeError(f"{fp32}: no multi-channel convolution found to quantize")
+            quantize_static(
+                str(prepared),
+                str(out),
+                _calibration_reader(calibration, model.graph.input[0].name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                # uint8 activations with a zero point (ReLU6 outputs are >= 0: a symmetric int8 range
+                # would waste half its codes), symmetric int8 weights: ORT's u8s8 kernels (VNNI on x86)
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True},
+            )
+        except QuantizeError:
+            raise
+        except Exception as exc:  # the quantizer raises assorted types; one error names the file
+            raise QuantizeError(f"{fp32}: ONNX Runtime static quantization failed ({exc})") from exc
     return out
 
 
