@@ -132,6 +132,17 @@ class Scorer:
         self.precision = precision
         self._check_session()
 
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the file this scorer runs (the INT8 file's when ``precision`` is ``int8``).
+
+        What a result should name: the fp32 hash would be wrong when the quantized model scored it.
+        """
+        int8 = self.metadata.int8
+        if self.precision == "int8" and int8 is not None and int8.model_sha256 is not None:
+            return int8.model_sha256
+        return self.metadata.model_sha256
+
     @classmethod
     def from_dir(
         cls,

@@ -324,7 +324,12 @@ def build_metadata(
 
 
 def build_int8(
-    staged: Path, dataset: Path, size: tuple[int, int], geometry: str, settings: QuantizeSettings
+    staged: Path,
+    dataset: Path,
+    size: tuple[int, int],
+    geometry: str,
+    settings: QuantizeSettings,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Quantize ``staged/model.onnx``, gate it on validation; the ``int8`` block of metadata.json.
 
@@ -333,7 +338,7 @@ def build_int8(
     """
     target = staged / INT8_FILE
     try:
-        block = quantize_and_gate(staged / MODEL_FILE, target, dataset, size, geometry, settings)
+        block = quantize_and_gate(staged / MODEL_FILE, target, dataset, size, geometry, settings, threshold)
     except QuantizeError as exc:
         target.unlink(missing_ok=True)
         log.warning("INT8 not produced: %s", exc)
@@ -422,7 +427,9 @@ def promote(
             version=version,
         )
         if quantize.enabled:
-            metadata["int8"] = build_int8(staged, dataset, size, _geometry(summary), quantize)
+            metadata["int8"] = build_int8(
+                staged, dataset, size, _geometry(summary), quantize, metadata["threshold"]
+            )
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         # mkdtemp makes the folder 0700; the Lambda image runs as a non-root user and must read it.
         staged.chmod(0o755)

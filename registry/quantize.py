@@ -405,8 +405,12 @@ def quantize_and_gate(
     size: tuple[int, int],
     geometry: str,
     settings: QuantizeSettings,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Quantize ``fp32`` into ``out``, measure both on validation, apply the gate.
+
+    ``threshold`` (metadata.json's, on ``pred_score``) is only used to report how many validation
+    verdicts INT8 changes (``val_decision_agreement``); the gate itself is on AUROC, as specified.
 
     Returns the ``int8`` block of metadata.json minus the file fields (the caller adds
     ``model_file``/``model_sha256`` when it keeps the file). ``out`` is deleted when the gate fails,
@@ -423,7 +427,9 @@ def quantize_and_gate(
     gate = apply_gate(before, after, settings)
     if not gate.passed:
         out.unlink(missing_ok=True)
-    diffs = np.abs(np.asarray(before.scores) - np.asarray(after.scores))
+    fp32_scores, int8_scores = np.asarray(before.scores), np.asarray(after.scores)
+    diffs = np.abs(fp32_scores - int8_scores)
+    agreement = float(np.mean((fp32_scores >= threshold) == (int8_scores >= threshold)))
     figures = {k: _round(v) if isinstance(v, float) else v for k, v in asdict(gate).items()}
     return {
         "passed_gate": figures.pop("passed"),
@@ -431,6 +437,7 @@ def quantize_and_gate(
         "max_image_auroc_drop": settings.max_image_auroc_drop,
         "max_pixel_auroc_drop": settings.max_pixel_auroc_drop,
         "val_max_abs_score_diff": _round(float(diffs.max())),
+        "val_decision_agreement": _round(agreement),
         "n_val_images": len(samples),
         "n_calibration_images": len(calibration),
         "method": METHOD,

@@ -174,6 +174,7 @@ def test_quantize_and_gate_measures_image_and_pixel_auroc(
     settings = QuantizeSettings(enabled=True, calibration_images=4)
     block = quantize_and_gate(serving_model_dir / "model.onnx", out, val_dataset, SIZE, GEOMETRY, settings)
     assert block["n_val_images"] == 16 and block["n_calibration_images"] == 4
+    assert 0.0 <= block["val_decision_agreement"] <= 1.0 and block["val_max_abs_score_diff"] >= 0.0
     for key in (
         "val_image_AUROC_fp32",
         "val_image_AUROC_int8",
@@ -295,6 +296,8 @@ def test_scorer_serves_int8_close_to_fp32(
     int8 = Scorer.from_dir(model_dir_with_int8, intra_op_threads=1)
     fp32 = Scorer.from_dir(model_dir_with_int8, intra_op_threads=1, precision="fp32")
     assert (int8.precision, fp32.precision) == ("int8", "fp32")
+    assert int8.model_sha256 == sha256_file(model_dir_with_int8 / INT8_FILE)
+    assert fp32.model_sha256 == sha256_file(model_dir_with_int8 / "model.onnx")
     images = [s.path for s in validation_samples(val_dataset)]
     gaps = []
     for path in images:
