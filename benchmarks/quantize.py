@@ -124,7 +124,9 @@ def benchmark_model(
     fp32 = eval_dir / model / "onnx" / "model.onnx"
     int8 = work / f"{model}.int8.onnx"
     start = time.perf_counter()
-    gate = quantize_and_gate(fp32, int8, dataset, size, geometry, settings)
+    gate = quantize_and_gate(
+        fp32, int8, dataset, size, geometry, settings, float(summary.get("threshold", 0.5))
+    )
     gate_s = time.perf_counter() - start
     if not int8.is_file():  # refused: time it anyway (re-made) so the cost of the refusal is visible
         from registry.quantize import quantize_model
@@ -173,6 +175,11 @@ def _print(rows: list[dict[str, Any]]) -> None:
                     f"{shown(auroc[f'test_image_AUROC_{variant}']):>10} {verdict:>5}"
                 )
         print(f"{'':<10} gate: {gate['why']}")
+        print(
+            f"{'':<10} validation verdicts unchanged at the threshold: {gate['val_decision_agreement']:.1%}, "
+            f"max |pred_score| change {gate['val_max_abs_score_diff']:.3f}; quantize + gate took "
+            f"{row['quantize_and_gate_s']} s"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
