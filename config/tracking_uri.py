@@ -1,9 +1,9 @@
 """The one place that decides which MLflow store the project uses (``python -m config.tracking_uri``).
 
-Why here: the training side (``experiments.tracking``, ``registry.mlflow_client``, benchmarks, tests)
-and the release tool (``release.publish``) must resolve the same store, and ``serving/`` may not import
-``experiments/`` or ``registry/``; this module is stdlib-only, so every side can import it. It is not
-copied into the Lambda image (the Dockerfile lists the handler's files).
+Why here: the training side (``experiments.tracking``, ``registry.mlflow_client``, benchmarks, tests),
+the release tool (``release.publish``), the tools and ``make ui`` must resolve the same store.
+``config/`` is a ground floor beside ``core/``: stdlib-only, importable by every training-side and
+tool package. The Lambda needs no MLflow store, so ``serving/`` does not import it.
 
 Rules:
 

@@ -4,7 +4,7 @@ Works only on what :class:`core.scoring.ScoreResult` already has (``anomaly_map`
 at the model's input size, ``score``) plus the decision threshold in force, so it does not
 depend on how the image was pre-processed. Pure numpy + Pillow (no scipy/OpenCV in the image).
 
-Definitions (also in the README):
+Definitions (also in docs/api.md):
 
 * ``confidence`` — how far the score is from the threshold, relative to the room on that side:
   ``(score - t) / (1 - t)`` when anomalous, ``(t - score) / t`` when normal, clipped to [0, 1].

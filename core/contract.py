@@ -10,6 +10,12 @@ Version 2 adds ``input.geometry`` (the resize policy: letterbox, stretch or cent
 is what makes an *older* serving build refuse a model whose pixels it would prepare wrongly.
 Version 1 files are still read: they were written when serving always stretched and knew no
 other rule, so they mean ``geometry: stretch``.
+
+The optional ``int8`` block (no version bump: a reader that ignores it still serves the fp32 model
+correctly) records the quantized champion and the validation figures of its accuracy gate
+(``registry/quantize.py``). ``model_file``/``model_sha256`` are present only when the gate passed;
+then the file must exist and match its hash like the fp32 model, so a swapped or half-copied
+INT8 file is refused at cold start whichever precision is served.
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Int8Spec:
+    """The ``int8`` block: whether the quantized model passed its gate and, if so, which file it is."""
+
+    passed_gate: bool
+    why: str
+    model_file: str | None = None
+    model_sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """The validated subset of ``metadata.json`` that serving relies on (plus the raw dict)."""
 
@@ -68,12 +84,20 @@ class ModelMetadata:
     anomaly_map_output: str
     threshold: float
     run_id: str = ""
+    int8: Int8Spec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def model_path(self) -> Path:
         """Absolute path of the ONNX file."""
         return self.model_dir / self.model_file
+
+    @property
+    def int8_path(self) -> Path | None:
+        """Absolute path of the INT8 ONNX file, or ``None`` when there is none that passed its gate."""
+        if self.int8 is None or self.int8.model_file is None:
+            return None
+        return self.model_dir / self.int8.model_file
 
 
 def input_block(name: str, height: int, width: int, geometry: str = DEFAULT_RESIZE) -> dict[str, Any]:
@@ -108,6 +132,51 @@ def _positive_int(data: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _relative_file(value: str, key: str, where: str) -> str:
+    if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+        raise ModelMetadataError(f"{where}: {key} must be a relative path inside the model dir")
+    return value
+
+
+def _sha256(value: str, key: str, where: str) -> str:
+    sha = value.lower()
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ModelMetadataError(f"{where}: {key} must be 64 hex characters")
+    return sha
+
+
+INT8_FIGURES = (
+    "val_image_AUROC_fp32",
+    "val_image_AUROC_int8",
+    "val_pixel_AUROC_fp32",
+    "val_pixel_AUROC_int8",
+)
+
+
+def _parse_int8(block: Any, fp32_file: str, where: str) -> Int8Spec:
+    """Validate the optional ``int8`` block (see the module docstring)."""
+    iwhere = f"{where}: int8"
+    if not isinstance(block, dict):
+        raise ModelMetadataError(f"{iwhere} must be a JSON object")
+    passed = _require(block, "passed_gate", bool, iwhere)
+    why = _require(block, "why", str, iwhere)
+    for key in INT8_FIGURES:
+        value = block.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise ModelMetadataError(f"{iwhere}.{key} must be a finite number or null, got {value!r}")
+    if not passed:
+        if block.get("model_file") is not None:
+            raise ModelMetadataError(f"{iwhere}: model_file is set but passed_gate is false")
+        return Int8Spec(passed_gate=False, why=why)
+    model_file = _relative_file(_require(block, "model_file", str, iwhere), "model_file", iwhere)
+    if model_file == fp32_file:
+        raise ModelMetadataError(f"{iwhere}: model_file must differ from the fp32 model_file {fp32_file!r}")
+    sha = _sha256(_require(block, "model_sha256", str, iwhere), "model_sha256", iwhere)
+    return Int8Spec(passed_gate=True, why=why, model_file=model_file, model_sha256=sha)
+
+
 def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) -> ModelMetadata:
     """Validate a decoded metadata document (no file-system checks) and return it typed."""
     if not isinstance(data, dict):
@@ -118,12 +187,9 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
             f"{where}: unsupported schema_version {version} (this serving code reads "
             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); deploy a serving build that matches the model"
         )
-    model_file = _require(data, "model_file", str, where)
-    if not model_file or Path(model_file).is_absolute() or ".." in Path(model_file).parts:
-        raise ModelMetadataError(f"{where}: model_file must be a relative path inside the model dir")
-    sha = _require(data, "model_sha256", str, where).lower()
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ModelMetadataError(f"{where}: model_sha256 must be 64 hex characters")
+    model_file = _relative_file(_require(data, "model_file", str, where), "model_file", where)
+    sha = _sha256(_require(data, "model_sha256", str, where), "model_sha256", where)
+    int8 = _parse_int8(data["int8"], model_file, where) if data.get("int8") is not None else None
 
     inp = _require(data, "input", dict, where)
     iwhere = f"{where}: input"
@@ -169,6 +235,7 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
         anomaly_map_output=_require(outputs, "anomaly_map", str, f"{where}: outputs"),
         threshold=threshold,
         run_id=str(data.get("run_id", "")),
+        int8=int8,
         raw=data,
     )
 
@@ -190,11 +257,19 @@ def load_metadata(model_dir: Path | str, *, verify_sha256: bool = True) -> Model
     meta = parse_metadata(data, model_dir, where=str(meta_path))
     if not meta.model_path.is_file():
         raise ModelMetadataError(f"{meta_path}: model_file {meta.model_file!r} not found in {model_dir}")
-    if verify_sha256:
-        actual = sha256_file(meta.model_path)
-        if actual != meta.model_sha256:
+    files = [(meta.model_path, meta.model_sha256, "model_sha256")]
+    if meta.int8 is not None and meta.int8.model_file is not None and meta.int8.model_sha256 is not None:
+        int8_path = model_dir / meta.int8.model_file
+        if not int8_path.is_file():
             raise ModelMetadataError(
-                f"{meta.model_path}: sha256 {actual} does not match model_sha256 {meta.model_sha256} "
-                f"in {meta_path}"
+                f"{meta_path}: int8.model_file {meta.int8.model_file!r} not found in {model_dir}"
             )
+        files.append((int8_path, meta.int8.model_sha256, "int8.model_sha256"))
+    if verify_sha256:
+        for path, expected, key in files:
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ModelMetadataError(
+                    f"{path}: sha256 {actual} does not match {key} {expected} in {meta_path}"
+                )
     return meta

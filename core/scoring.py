@@ -11,6 +11,7 @@ Only numpy, Pillow and ONNX Runtime are used so the Lambda image stays small and
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 import time
@@ -24,9 +25,28 @@ from PIL import Image
 from core.contract import ModelMetadata, load_metadata
 from core.preprocess import map_to_original, model_input, to_rgb8
 
+log = logging.getLogger(__name__)
+
+PRECISION_ENV = "MODEL_PRECISION"
+PRECISIONS = ("fp32", "int8")
+
 
 class ScoringError(RuntimeError):
     """The model could not be loaded or produced an unusable output."""
+
+
+def model_precision(value: str | None = None) -> str:
+    """Which model to serve: ``value``, else env ``MODEL_PRECISION``, else ``fp32``; the one parser.
+
+    ``int8`` asks for metadata.json's quantized model (``int8.model_file``), which exists only when it
+    passed its validation accuracy gate. A value outside :data:`PRECISIONS` is an error at cold start
+    rather than a silent fp32, because a typo would otherwise hide that the setting did nothing.
+    """
+    raw = value if value is not None else os.environ.get(PRECISION_ENV, "")
+    precision = raw.strip().lower() or "fp32"
+    if precision not in PRECISIONS:
+        raise ScoringError(f"{PRECISION_ENV}={raw!r}: must be one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 @dataclass(frozen=True)
@@ -105,10 +125,23 @@ class Scorer:
     safe to call for every request.
     """
 
-    def __init__(self, metadata: ModelMetadata, session) -> None:
+    def __init__(self, metadata: ModelMetadata, session, precision: str = "fp32") -> None:
         self.metadata = metadata
         self.session = session
+        # what is actually served ("int8" only when the quantized model was found and loaded)
+        self.precision = precision
         self._check_session()
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the file this scorer runs (the INT8 file's when ``precision`` is ``int8``).
+
+        What a result should name: the fp32 hash would be wrong when the quantized model scored it.
+        """
+        int8 = self.metadata.int8
+        if self.precision == "int8" and int8 is not None and int8.model_sha256 is not None:
+            return int8.model_sha256
+        return self.metadata.model_sha256
 
     @classmethod
     def from_dir(
@@ -117,12 +150,28 @@ class Scorer:
         *,
         intra_op_threads: int | None = None,
         verify_sha256: bool = True,
+        precision: str | None = None,
     ) -> Scorer:
-        """Validate ``metadata.json`` in ``model_dir`` and load the model it names."""
+        """Validate ``metadata.json`` in ``model_dir`` and load the model it names.
+
+        ``precision`` (default: env ``MODEL_PRECISION``, see :func:`model_precision`) ``int8`` loads
+        the quantized model when metadata.json has one that passed its gate; otherwise the fp32
+        model is served and a warning says why, so one setting can be rolled out to every camera
+        and Lambda whether or not the current champion has an INT8 version. ``self.precision``
+        says which one runs.
+        """
         configure_runtime_environment()
+        wanted = model_precision(precision)
         metadata = load_metadata(model_dir, verify_sha256=verify_sha256)
         threads = intra_op_threads or default_intra_op_threads()
-        return cls(metadata, create_session(metadata.model_path, threads))
+        path, served = metadata.model_path, "fp32"
+        if wanted == "int8":
+            if metadata.int8_path is not None:
+                path, served = metadata.int8_path, "int8"
+            else:
+                why = metadata.int8.why if metadata.int8 is not None else "metadata.json has no int8 block"
+                log.warning("int8 requested but not available (%s); serving the fp32 model", why)
+        return cls(metadata, create_session(path, threads), precision=served)
 
     def _check_session(self) -> None:
         """Fail at load time if the graph does not match metadata (names, static input shape)."""

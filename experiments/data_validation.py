@@ -382,15 +382,29 @@ def dvc_dir_md5(root: Path) -> str:
     Computed here instead of calling DVC so that it needs no DVC lock or cache write (other DVC
     commands may be running in the same repo); a test checks it against dvc-data itself.
     """
-    entries = []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    files = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
             path = Path(dirpath) / name
-            digest = hashlib.md5()
-            with open(path, "rb") as fh:
+            files[path.relative_to(root).as_posix()] = path
+    return dir_md5(files)
+
+
+def dir_md5(files: Mapping[str, Path | bytes]) -> str:
+    """The DVC ``.dir`` md5 of a folder given as ``{relative posix path: file or its bytes}``.
+
+    Lets make_data know the md5 of the folder it would write before writing it.
+    """
+    entries = []
+    for rel, source in files.items():
+        digest = hashlib.md5()
+        if isinstance(source, bytes):
+            digest.update(source)
+        else:
+            with open(source, "rb") as fh:
                 for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     digest.update(chunk)
-            entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(root).as_posix()})
+        entries.append({"md5": digest.hexdigest(), "relpath": rel})
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 

@@ -43,7 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from core.files import atomic_directory
-from experiments.data_validation import dvc_dir_md5, recorded_md5
+from experiments.data_validation import dir_md5, dvc_dir_md5, recorded_md5
 from experiments.runtime import stage_main
 
 PACKAGE = "elpv_dataset"
@@ -229,6 +229,13 @@ def _write_tree(tmp: Path, plan: dict[str, Cell], texts: dict[str, bytes]) -> No
         shutil.copyfile(cell.source, tmp / rel)  # bytes unchanged, no re-encoding
 
 
+def embedded_md5(limit: int | None = None) -> str:
+    """The DVC md5 the embedded set would have in ``data/``, computed without writing it."""
+    cells = read_labels(package_data_dir())
+    plan = plan_layout(cells, limit)
+    return dir_md5({**{rel: cell.source for rel, cell in plan.items()}, **text_files(plan, cells, limit)})
+
+
 def materialise(out: Path, limit: int | None = None) -> bool:
     """Create ``out`` atomically; return True if anything was written, False if it was already correct."""
     cells = read_labels(package_data_dir())
@@ -252,6 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     out = Path(args.out)
+    dvc_file = out.parent / f"{out.name}.dvc"
+    expected = recorded_md5(dvc_file)
+    if expected is not None and expected != embedded_md5(args.limit):
+        # data.dvc tracks the user's own images: never replace them with the embedded set.
+        if out.is_dir() and dvc_dir_md5(out) == expected:
+            print(f"make_data: {out} holds the data {dvc_file} tracks (md5 {expected}); nothing written")
+            return 0
+        print(
+            f"make_data: ERROR: {dvc_file} tracks other data than the embedded {DISTRIBUTION} set and {out} "
+            f"{'differs from it' if out.exists() else 'is missing'}; nothing written.\n"
+            f"  Restore the tracked data with `dvc pull` or `dvc checkout --force {dvc_file}`, "
+            f"or record what {out} holds now with `dvc add {out}`.",
+            file=sys.stderr,
+        )
+        return 1
 
     start = time.perf_counter()
     changed = materialise(out, args.limit)
@@ -260,8 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     verb = "wrote" if changed else "up to date, nothing changed:"
     print(f"make_data: {verb} {out} ({summary}) in {time.perf_counter() - start:.1f}s")
 
-    dvc_file = out.parent / f"{out.name}.dvc"
-    expected = recorded_md5(dvc_file)
     if expected is None:
         print(f"make_data: no {dvc_file}; run `dvc add {out}` to track it")
         return 0

@@ -13,6 +13,13 @@ any point leaves the previous ``serving/model/`` untouched.
 Determinism: ``exported_at`` is the registry version's creation time, not "now", so promoting the
 same version twice yields byte-identical files.
 
+INT8 (``params.yaml: quantize``, :mod:`registry.quantize`): when enabled, the promoted fp32 model is
+also quantized and both are scored on the validation split; ``model.int8.onnx`` is written next to
+``model.onnx`` only if the accuracy gate passes. metadata.json's ``int8`` block records the gate's
+figures and verdict either way, and the same figures are logged as ``quantize_*`` metrics to the
+champion's MLflow run. A quantization that fails outright is recorded as a refused gate (the fp32
+champion is still promoted): INT8 is an optional speed-up, never a reason to keep an old model.
+
 Usage: ``python -m registry.promote [--params params.yaml] [--out serving/model] [--eval-dir build/eval]
 [--dataset build/dataset] [--n-images 4] [--atol 1e-4]``. ``REGISTRY_PROMOTE_OUT`` overrides the
 output directory (tests use it to keep the repo's ``serving/model`` untouched).
@@ -39,6 +46,7 @@ from core.files import sha256_file, swap_directory
 from core.preprocess import PreprocessError, check_policy, model_input
 from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
 from experiments.runtime import stage_main
+from registry.quantize import INT8_FILE, QuantizeError, QuantizeSettings, mlflow_metrics, quantize_and_gate
 from registry.rule import SelectionError
 from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
 
@@ -315,6 +323,51 @@ def build_metadata(
     }
 
 
+def build_int8(
+    staged: Path,
+    dataset: Path,
+    size: tuple[int, int],
+    geometry: str,
+    settings: QuantizeSettings,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Quantize ``staged/model.onnx``, gate it on validation; the ``int8`` block of metadata.json.
+
+    ``model_file``/``model_sha256`` are set only when the gate passed (the file is then in
+    ``staged``); otherwise they are ``null`` and no INT8 file exists.
+    """
+    target = staged / INT8_FILE
+    try:
+        block = quantize_and_gate(staged / MODEL_FILE, target, dataset, size, geometry, settings, threshold)
+    except QuantizeError as exc:
+        target.unlink(missing_ok=True)
+        log.warning("INT8 not produced: %s", exc)
+        return {
+            "model_file": None,
+            "model_sha256": None,
+            "passed_gate": False,
+            "why": f"quantization failed: {exc}",
+        }
+    passed = block["passed_gate"]
+    files = {
+        "model_file": INT8_FILE if passed else None,
+        "model_sha256": sha256_file(target) if passed else None,
+    }
+    log.info("INT8 %s: %s", "kept" if passed else "refused", block["why"])
+    return {**files, **block}
+
+
+def log_int8_metrics(client: MlflowClient, run_id: str, block: Mapping[str, Any]) -> None:
+    """Log the INT8 gate's figures (``quantize_*``) to the champion's MLflow run, in one batch."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in sorted(mlflow_metrics(block).items())]
+    client.log_batch(run_id, metrics=metrics)
+
+
 def validate_model_dir(model_dir: Path) -> None:
     """Run the serving side's own metadata validation (the Lambda's cold-start check)."""
     try:
@@ -336,6 +389,7 @@ def promote(
 ) -> dict[str, Any]:
     """The whole stage; returns the metadata written to ``out/metadata.json``."""
     name, alias = registry_params(params)
+    quantize = QuantizeSettings.from_params(params)
     models = params.get("models")
     if not isinstance(models, Mapping) or not models:
         raise PromoteError("params.yaml: models must be a non-empty mapping")
@@ -372,12 +426,18 @@ def promote(
             name=name,
             version=version,
         )
+        if quantize.enabled:
+            metadata["int8"] = build_int8(
+                staged, dataset, size, _geometry(summary), quantize, metadata["threshold"]
+            )
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         # mkdtemp makes the folder 0700; the Lambda image runs as a non-root user and must read it.
         staged.chmod(0o755)
         for item in staged.iterdir():
             item.chmod(0o644)
         validate_model_dir(staged)
+        if "int8" in metadata:  # before the swap: a failure here leaves serving/model untouched
+            log_int8_metrics(client, version.run_id, metadata["int8"])
         swap_directory(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -1,8 +1,11 @@
-"""Turn an API Gateway (REST v1, HTTP API v2) or Lambda function URL event into a scoring request.
+"""Turn an API Gateway REST (v1 proxy) event into a validated request: the one parser of the event.
 
 All input validation lives here so the handler can trust what it gets: every problem with
 the request raises :class:`RequestError` carrying the HTTP status and a stable error code,
-before any model or storage work is done. Image headers are inspected before pixels are
+before any model or storage work is done. Hostile input (deep JSON nesting, numbers too large for
+a float or too long for ``int``, non-ASCII digits, oversized echoes) is a 4xx naming the problem,
+never a 500; messages quote at most a short prefix of what the client sent and never a
+library's wording or a configuration variable's name. Image headers are inspected before pixels are
 decoded, so a small file that claims huge dimensions (decompression bomb) is refused cheaply,
 and decode memory is bounded: the pixel cap follows the function's memory size
 (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``), large JPEGs are decoded at a reduced DCT scale (draft
@@ -19,17 +22,15 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools.utilities.data_classes import (
-    APIGatewayProxyEvent,
-    APIGatewayProxyEventV2,
-    LambdaFunctionUrlEvent,
-)
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent
 from PIL import Image, PngImagePlugin
 
 MB = 1024 * 1024
@@ -38,7 +39,8 @@ FORMAT_CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png"}
 JSON_CONTENT_TYPE = "application/json"
 # Used as DynamoDB keys and S3 key segments: keep them boring (no '/', no spaces).
 IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-# Request ids also allow '=' and '+': API Gateway HTTP API ids are base64 (e.g. "JFcJxjA5IAMEVqg=").
+# Request ids also allow '=' and '+': clients use base64 ids (e.g. "JFcJxjA5IAMEVqg=", like API Gateway's
+# extendedRequestId); REST request ids are UUIDs.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,127}$")
 _REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:=+-]")
 # Bytes of decode-time memory budgeted per decoded pixel: the decoded buffer (up to 4 bands), the
@@ -56,6 +58,9 @@ OVERRIDE_MAX = 0.99
 MASK_MODES = ("base64", "url")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_PAGE_LIMIT_RE = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit() accepts '²'
+MAX_PAGE_TOKEN_CHARS = 2048  # a real token is ~200 characters
+_ECHO_CHARS = 40  # how much of a client's value an error message quotes
 
 
 class RequestError(Exception):
@@ -66,6 +71,19 @@ class RequestError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message may quote it: strings cut short, other types by name.
+
+    Why: echoing input verbatim lets a 1 MB header or a 4,000-digit number into every log line and
+    response (and ``repr`` of an int over 4,300 digits raises).
+    """
+    if isinstance(value, str):
+        return repr(value[:_ECHO_CHARS] + ("..." if len(value) > _ECHO_CHARS else ""))
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    return "an integer" if isinstance(value, int) else f"a JSON {type(value).__name__}"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -139,13 +157,13 @@ class ScoringRequest:
     camera_id: str
     captured_at: str  # UTC ISO 8601, millisecond precision, "Z" suffix
     request_id: str
-    event_source: str  # "apigw-rest-v1" | "apigw-http-v2" | "function-url"
     original_size: tuple[int, int] = (0, 0)
     image_sha256: str = ""
     threshold: float | None = None  # per-request override (from threshold or sensitivity)
     sensitivity: float | None = None
     mask: str | None = None  # None | "base64" | "url"
     regions: bool = False
+    decode_ms: float = 0.0  # of the parse, the part spent decoding (and reducing) the image
 
     @property
     def fingerprint(self) -> str:
@@ -158,35 +176,34 @@ class ScoringRequest:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def detect_event_source(event: dict[str, Any]) -> str:
-    """Name the event shape; function URLs are v2 payloads whose domain is ``*.lambda-url.*``."""
-    if not isinstance(event, dict):
+def as_rest_event(event: Mapping[str, Any] | APIGatewayProxyEvent) -> APIGatewayProxyEvent:
+    """``event`` as Powertools' REST v1 proxy event; anything that is not a JSON object is a 400."""
+    if isinstance(event, APIGatewayProxyEvent):
+        return event
+    if not isinstance(event, Mapping):
         raise RequestError(400, "unsupported_event", "event must be a JSON object")
-    if event.get("version") == "2.0" and "requestContext" in event:
-        domain = str((event.get("requestContext") or {}).get("domainName") or "")
-        return "function-url" if ".lambda-url." in domain else "apigw-http-v2"
-    if "httpMethod" in event or event.get("version") == "1.0":
-        return "apigw-rest-v1"
-    raise RequestError(400, "unsupported_event", "not an API Gateway or Lambda function URL event")
+    return APIGatewayProxyEvent(dict(event))
 
 
-def _wrap(event: dict[str, Any], source: str) -> APIGatewayProxyEvent | APIGatewayProxyEventV2:
-    if source == "function-url":
-        return LambdaFunctionUrlEvent(event)
-    if source == "apigw-http-v2":
-        return APIGatewayProxyEventV2(event)
-    return APIGatewayProxyEvent(event)
+def is_rest_event(event: Any) -> bool:
+    """Whether ``event`` has the fields the REST resolver routes on (``httpMethod`` and ``path``)."""
+    return (
+        isinstance(event, Mapping)
+        and isinstance(event.get("httpMethod"), str)
+        and isinstance(event.get("path"), str)
+    )
 
 
-def _headers(event: dict[str, Any]) -> dict[str, str]:
-    """Lower-cased single-value headers (v1 may also carry ``multiValueHeaders``; first wins)."""
+def request_headers(event: APIGatewayProxyEvent) -> dict[str, str]:
+    """Lower-cased single-value headers: ``headers`` (REST keeps the last of a repeated header),
+    else the first of ``multiValueHeaders`` (an event may carry only that)."""
     headers: dict[str, str] = {}
     for key, values in (event.get("multiValueHeaders") or {}).items():
         if values:
-            headers[key.lower()] = str(values[0])
+            headers[str(key).lower()] = str(values[0])
     for key, value in (event.get("headers") or {}).items():
         if value is not None:
-            headers[key.lower()] = str(value)
+            headers[str(key).lower()] = str(value)
     return headers
 
 
@@ -228,7 +245,7 @@ def normalise_timestamp(value: Any, field: str = "captured_at") -> str:
         utc = parsed.astimezone(UTC)
     except (ValueError, OverflowError) as exc:
         raise RequestError(
-            400, f"invalid_{field}", f"{field} {value!r} is not an ISO 8601 time in years 1-9999"
+            400, f"invalid_{field}", f"{field} {shown(value)} is not an ISO 8601 time in years 1-9999"
         ) from exc
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -242,8 +259,10 @@ def validate_identifier(
     value: Any, field: str, pattern: re.Pattern[str] = IDENTIFIER_RE, extra: str = ""
 ) -> str:
     """``value`` as a key-safe identifier (DynamoDB key, S3 key segment), else 400 ``invalid_<field>``."""
-    text = str(value).strip() if value is not None else ""
-    if not pattern.match(text):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**128:
+        value = str(value)  # a JSON number as camera id: allowed, as the text it spells
+    text = value.strip() if isinstance(value, str) else ""
+    if not pattern.fullmatch(text):
         raise RequestError(
             400,
             f"invalid_{field}",
@@ -257,13 +276,17 @@ def _server_request_id(value: str) -> str:
     return _REQUEST_ID_UNSAFE.sub("_", value.strip())[:128] or uuid.uuid4().hex
 
 
-def _too_large(width: int, height: int, decoded: tuple[int, int], limits: RequestLimits) -> RequestError:
-    scaled = f" (decoded at {decoded[0]}x{decoded[1]})" if decoded != (width, height) else ""
+def _too_large(
+    limits: RequestLimits, size: tuple[int, int] | None = None, decoded: tuple[int, int] | None = None
+) -> RequestError:
+    """The one ``image_too_large`` message: the image's size against this service's limits."""
+    what = f"image is {size[0]}x{size[1]}" if size else "image dimensions are too large"
+    scaled = f" (decodes at {decoded[0]}x{decoded[1]})" if decoded and decoded != size else ""
     return RequestError(
         422,
         "image_too_large",
-        f"image is {width}x{height}{scaled}; limits are {limits.max_side} px per side and "
-        f"{limits.max_pixels} decoded pixels (MAX_IMAGE_PIXELS); send a smaller image",
+        f"{what}{scaled}; limits are {limits.max_side} px per side and {limits.max_pixels} decoded "
+        "pixels (JPEGs decode at a reduced scale); send a smaller image",
     )
 
 
@@ -278,11 +301,14 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str, 
     overlay memory do not grow with the camera's resolution.
     """
     try:
+        # Pillow's own bomb warning (89.5 MP) would refuse a 12,000 px JPEG that draft mode decodes
+        # at 1/4 scale; the side and decoded-pixel checks below are this service's bomb limits.
+        # Pillow's hard error (twice that) stays as a backstop for absurd headers.
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RequestError(422, "image_too_large", f"image dimensions are too large ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise _too_large(limits) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise RequestError(422, "invalid_image", "body is not a decodable JPEG or PNG image") from exc
     if image.format not in FORMAT_CONTENT_TYPES:
@@ -294,18 +320,16 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str, 
             422, "image_too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px"
         )
     if width > limits.max_side or height > limits.max_side:
-        raise _too_large(width, height, (width, height), limits)
+        raise _too_large(limits, (width, height))
     if image.format == "JPEG" and width * height > limits.working_pixels:
         shrink = math.sqrt(limits.working_pixels / (width * height))
         target = (max(limits.min_side, int(width * shrink)), max(limits.min_side, int(height * shrink)))
         image.draft(None, target)  # keeps the mode (L, RGB, CMYK); scales by 1/2, 1/4 or 1/8
     decoded = image.size
     if decoded[0] * decoded[1] > limits.max_pixels:
-        raise _too_large(width, height, decoded, limits)
+        raise _too_large(limits, (width, height), decoded)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
+        image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(422, "invalid_image", "image data is corrupt or truncated") from exc
     pixels = image.width * image.height
@@ -319,8 +343,8 @@ def decode_image(data: bytes, limits: RequestLimits) -> tuple[Image.Image, str, 
     return image, content_type, (width, height)
 
 
-def query_parameters(event: dict[str, Any]) -> dict[str, str]:
-    """Query parameters of v1 / v2 / function-URL events (v2 joins repeats with ',')."""
+def query_parameters(event: Mapping[str, Any]) -> dict[str, str]:
+    """Single-value query parameters (REST puts the last of a repeated key in ``queryStringParameters``)."""
     return {str(k): str(v) for k, v in (event.get("queryStringParameters") or {}).items() if v is not None}
 
 
@@ -338,21 +362,36 @@ def _fraction(value: Any, field: str) -> float:
         raise RequestError(400, f"invalid_{field}", f"{field} must be a number")
     try:
         number = float(value)
-    except ValueError as exc:
-        raise RequestError(400, f"invalid_{field}", f"{field} must be a number, got {value!r}") from exc
+    except (ValueError, OverflowError) as exc:  # OverflowError: an integer beyond float range
+        raise RequestError(
+            400,
+            f"invalid_{field}",
+            f"{field} must be a number between {OVERRIDE_MIN} and {OVERRIDE_MAX}, got {shown(value)}",
+        ) from exc
     if not (OVERRIDE_MIN <= number <= OVERRIDE_MAX):  # also false for NaN
         raise RequestError(
             400,
             f"invalid_{field}",
-            f"{field} must be between {OVERRIDE_MIN} and {OVERRIDE_MAX}, got {value!r}",
+            f"{field} must be between {OVERRIDE_MIN} and {OVERRIDE_MAX}, got {shown(value)}",
         )
     return number
+
+
+def _canonical(value: Any) -> str | None:
+    """A scalar option as the query string would spell it (to compare body and query); else None."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, float) or (isinstance(value, int) and abs(value) < 10**64):
+        return str(value)
+    return None
 
 
 def _option(json_fields: dict[str, Any], query: dict[str, str], name: str) -> Any:
     """A request option from the JSON body or the query string; both and different is a 400."""
     in_body, in_query = name in json_fields and json_fields[name] is not None, name in query
-    if in_body and in_query and str(json_fields[name]).lower() != query[name].lower():
+    if in_body and in_query and _canonical(json_fields[name]) != query[name].lower():
         raise RequestError(
             400, f"conflicting_{name}", f"{name} differs between the body and the query string"
         )
@@ -375,6 +414,8 @@ def parse_answer_options(
         threshold = round(1.0 - sensitivity, 6)
     raw_mask = _option(json_fields, query, "mask")
     mask: str | None = None
+    if raw_mask is not None and not isinstance(raw_mask, bool | str):
+        raise RequestError(400, "invalid_mask", "mask must be 'base64', 'url' or false")
     if raw_mask is not None and not (isinstance(raw_mask, bool) and not raw_mask):
         text = "base64" if raw_mask is True else str(raw_mask).strip().lower()
         if text in _TRUE:
@@ -390,7 +431,10 @@ def parse_answer_options(
 
 
 def _camera_id(
-    path_params: dict[str, Any], json_fields: dict[str, Any], headers: dict[str, str], limits: RequestLimits
+    path_params: Mapping[str, Any],
+    json_fields: dict[str, Any],
+    headers: dict[str, str],
+    limits: RequestLimits,
 ) -> str:
     """The path's camera wins; a different camera in the body or header is a 400, never a re-route."""
     sources = [
@@ -419,22 +463,38 @@ def _camera_id(
     return camera
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """The JSON body as an object; malformed, too deeply nested or too-long numbers are a 400."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, "invalid_json", f"request body is not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise RequestError(400, "invalid_json", "request body is nested too deeply") from exc
+    except ValueError as exc:  # an integer literal over Python's 4,300-digit conversion limit
+        raise RequestError(400, "invalid_json", "request body holds a number with too many digits") from exc
+    if not isinstance(fields, dict):
+        raise RequestError(400, "invalid_json", "JSON body must be an object")
+    return fields
+
+
 def parse_event(
-    event: dict[str, Any],
+    event: Mapping[str, Any] | APIGatewayProxyEvent,
     limits: RequestLimits | None = None,
     *,
+    path_parameters: Mapping[str, str] | None = None,
     fallback_request_id: str | None = None,
 ) -> ScoringRequest:
-    """Validate ``event`` and return a :class:`ScoringRequest`, or raise :class:`RequestError`.
+    """Validate a ``POST .../images`` event into a :class:`ScoringRequest`, or raise :class:`RequestError`.
 
     Request id precedence: ``idempotency-key`` header, ``x-request-id`` header (both chosen by the
     client, so a retry keeps them), then ``requestContext.requestId``, then ``fallback_request_id``
-    (the Lambda ``aws_request_id``), then a random UUID.
+    (the Lambda ``aws_request_id``), then a random UUID. ``path_parameters`` (decoded) replace the
+    event's when given (the resolver's route match for an event that names none).
     """
     limits = limits or RequestLimits()
-    source = detect_event_source(event)
-    wrapped = _wrap(event, source)
-    headers = _headers(event)
+    wrapped = as_rest_event(event)
+    headers = request_headers(wrapped)
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
 
     body = wrapped.body
@@ -456,12 +516,7 @@ def parse_event(
         if wrapped.is_base64_encoded:
             text = _b64decode(body, "request body").decode("utf-8", errors="replace")
         _check_encoded_size(len(text), limits)
-        try:
-            json_fields = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RequestError(400, "invalid_json", f"request body is not valid JSON ({exc.msg})") from exc
-        if not isinstance(json_fields, dict):
-            raise RequestError(400, "invalid_json", "JSON body must be an object")
+        json_fields = _json_object(text)
         encoded = json_fields.get("image")
         if encoded is None or encoded == "":
             raise RequestError(400, "missing_image", "JSON body needs a non-empty 'image' field (base64)")
@@ -477,11 +532,13 @@ def parse_event(
         raise RequestError(
             415,
             "unsupported_media_type",
-            f"Content-Type {content_type!r} is not supported; use image/jpeg, image/png or application/json",
+            f"Content-Type {shown(content_type)} is not supported; use image/jpeg, image/png or "
+            "application/json",
         )
     _check_size(image_bytes, limits)
 
-    camera_id = _camera_id(wrapped.path_parameters or {}, json_fields, headers, limits)
+    params = wrapped.path_parameters if path_parameters is None else path_parameters
+    camera_id = _camera_id(params, json_fields, headers, limits)
 
     # Absent means "now"; present but empty/0/false is a client mistake, not "now".
     if json_fields.get("captured_at") is not None:
@@ -490,16 +547,18 @@ def parse_event(
         captured_at = normalise_timestamp(headers["x-captured-at"])
     else:
         captured_at = utc_now()
-    threshold, sensitivity, mask, regions = parse_answer_options(json_fields, query_parameters(event))
+    threshold, sensitivity, mask, regions = parse_answer_options(json_fields, query_parameters(wrapped))
 
     client_id = headers.get("idempotency-key") or headers.get("x-request-id")
     if client_id:
         request_id = validate_identifier(client_id, "request_id", REQUEST_ID_RE, ", '=', '+'")
     else:
-        context_id = (event.get("requestContext") or {}).get("requestId")
+        context_id = (wrapped.get("requestContext") or {}).get("requestId")
         request_id = _server_request_id(str(context_id or fallback_request_id or uuid.uuid4().hex))
 
+    started = time.perf_counter()
     image, detected_type, original_size = decode_image(image_bytes, limits)
+    decode_ms = (time.perf_counter() - started) * 1000.0
     return ScoringRequest(
         image=image,
         image_bytes=image_bytes,
@@ -507,11 +566,92 @@ def parse_event(
         camera_id=camera_id,
         captured_at=captured_at,
         request_id=request_id,
-        event_source=source,
         original_size=original_size,
         image_sha256=hashlib.sha256(image_bytes).hexdigest(),
         threshold=threshold,
         sensitivity=sensitivity,
         mask=mask,
         regions=regions,
+        decode_ms=decode_ms,
     )
+
+
+@dataclass(frozen=True)
+class ResultQuery:
+    """``GET /cameras/{camera_id}/results/{request_id}``: which stored answer, presented how."""
+
+    camera_id: str
+    request_id: str
+    mask: str | None = None
+    regions: bool = False
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """``GET /cameras/{camera_id}/results``: one page of a camera's answers by ``captured_at``."""
+
+    camera_id: str
+    since: str | None
+    until: str | None
+    limit: int
+    next_token: str | None
+    mask: str | None = None
+    regions: bool = False
+
+
+def _presentation(query: dict[str, str]) -> tuple[str | None, bool]:
+    """``mask`` and ``regions`` of a GET (threshold/sensitivity do not apply to stored answers)."""
+    _, _, mask, regions = parse_answer_options(
+        {}, {k: v for k, v in query.items() if k in ("mask", "regions")}
+    )
+    return mask, regions
+
+
+def parse_result_query(
+    event: Mapping[str, Any] | APIGatewayProxyEvent, path_parameters: Mapping[str, str] | None = None
+) -> ResultQuery:
+    """Validate a ``GET .../results/{request_id}`` event."""
+    wrapped = as_rest_event(event)
+    params = wrapped.path_parameters if path_parameters is None else path_parameters
+    camera_id = validate_identifier(params.get("camera_id"), "camera_id")
+    request_id = validate_identifier(params.get("request_id"), "request_id", REQUEST_ID_RE, ", '=', '+'")
+    mask, regions = _presentation(query_parameters(wrapped))
+    return ResultQuery(camera_id, request_id, mask, regions)
+
+
+def parse_list_query(
+    event: Mapping[str, Any] | APIGatewayProxyEvent,
+    limits: RequestLimits,
+    path_parameters: Mapping[str, str] | None = None,
+) -> ListQuery:
+    """Validate a ``GET .../results`` event: time range, page size, page token, presentation."""
+    wrapped = as_rest_event(event)
+    params = wrapped.path_parameters if path_parameters is None else path_parameters
+    camera_id = validate_identifier(params.get("camera_id"), "camera_id")
+    query = query_parameters(wrapped)
+    mask, regions = _presentation(query)
+    if mask == "base64":
+        raise RequestError(400, "invalid_mask", "lists return masks as URLs only: use mask=url")
+    since = normalise_timestamp(query["since"], "since") if "since" in query else None
+    until = normalise_timestamp(query["until"], "until") if "until" in query else None
+    token = query.get("next_token") or None
+    if token is not None and len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise RequestError(400, "invalid_next_token", "next_token is not a token this API issued")
+    return ListQuery(
+        camera_id,
+        since,
+        until,
+        _page_limit(query.get("limit"), limits.max_results_page),
+        token,
+        mask,
+        regions,
+    )
+
+
+def _page_limit(raw: str | None, maximum: int) -> int:
+    """``limit`` as ASCII digits from 1 to ``maximum`` (``int('²')`` would raise after ``isdigit()``)."""
+    if raw is None or raw == "":
+        return min(50, maximum)
+    if not _PAGE_LIMIT_RE.fullmatch(raw) or not (1 <= int(raw) <= maximum):
+        raise RequestError(400, "invalid_limit", f"limit must be an integer from 1 to {maximum}")
+    return int(raw)

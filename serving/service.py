@@ -1,19 +1,29 @@
-"""The request flow behind the Lambda handler.
+"""The request flow behind the Lambda handler, routed by Powertools' REST resolver.
 
-``POST /cameras/{camera_id}/images``: parse → lookup (replay / 409) → score → analyse (mask,
-area, regions, confidence) → overlay → persist → respond. ``GET /cameras/{camera_id}/results/
-{request_id}`` and ``GET /cameras/{camera_id}/results?since=&until=&limit=&next_token=`` read
-what was stored. Kept apart from ``serving.app`` (which builds one service at import, as Lambda
-wants) so tests, local servers and tools can build a service from explicit parts.
-Configuration (all env, parsed in :meth:`serving.events.RequestLimits.from_env` and
-:meth:`serving.storage.ResultStore.from_env`): ``MODEL_DIR`` (default: ``model/`` next to this
+``POST /cameras/{camera_id}/images``: authorize → parse → lookup (replay / 409) → score → analyse
+(mask, area, regions, confidence) → overlay → persist → respond. ``GET /cameras/{camera_id}/results/
+{request_id}`` and ``GET /cameras/{camera_id}/results?since=&until=&limit=&next_token=`` read what
+was stored. Routes come from :data:`serving.routes.ROUTES` (the table infra/ also reads); a path no
+route serves is 404 and a known path with another method 405, neither scored. Failures are mapped
+to JSON errors by one ``exception_handler`` per failure type. Kept apart from ``serving.app`` (which
+builds one service at import, as Lambda wants) so tests, local servers and tools can build a service
+from explicit parts. Configuration (all env, parsed in :meth:`serving.events.RequestLimits.from_env`
+and :meth:`serving.storage.ResultStore.from_env`): ``MODEL_DIR`` (default: ``model/`` next to this
 file), ``ORT_INTRA_OP_THREADS``, ``POWERTOOLS_SERVICE_NAME``, ``POWERTOOLS_METRICS_NAMESPACE``.
 
-Observability (AWS Lambda Powertools): one structured log line per request with the Lambda
-context (added by ``serving.app``) and the request id as correlation id; CloudWatch metrics in
-EMF on stdout — latency per phase, anomalies and requests per camera, errors by code. Routing
-is by hand (a dict of three routes): Powertools' resolvers are bound to one event shape, and
-this handler accepts REST v1, HTTP API v2 and function-URL events alike.
+Who may call: a camera principal (:mod:`serving.identity`) posts only for its own camera id and
+reads nothing (403, nothing stored); IAM decides for every other principal.
+
+Observability (AWS Lambda Powertools): one structured log line per request with the Lambda context
+(added by ``serving.app``), the caller (ARN, access key, source IP) and the request id as correlation
+id; CloudWatch metrics in EMF on stdout: latency per phase (``parse`` with ``decode``; ``score`` with
+``preprocess``, ``inference``, ``postprocess``; ``analyse``; ``overlay`` = overlay and mask PNG
+encoding; ``lookup``; each ``s3_put_<kind>`` and ``dynamodb_put`` within ``persist``; ``total``),
+anomalies and requests per camera, errors by code.
+
+Time: storage calls run against the Lambda's remaining time (``context.get_remaining_time_in_millis``)
+less :data:`RESPONSE_RESERVE_S`; a call that might not finish by then is not started and the
+request is answered 503 (retry with the same key) while there is still time to answer.
 """
 
 from __future__ import annotations
@@ -21,28 +31,42 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
 from core.answer import analyse, confidence, mask_png
 from core.preprocess import PreprocessError
 from core.scoring import Scorer, ScoringError, overlay
 from serving.events import (
-    IDENTIFIER_RE,
-    REQUEST_ID_RE,
     RequestError,
     RequestLimits,
-    normalise_timestamp,
-    parse_answer_options,
+    ScoringRequest,
+    is_rest_event,
     parse_event,
-    query_parameters,
-    validate_identifier,
+    parse_list_query,
+    parse_result_query,
 )
-from serving.routes import RESULT_ROUTE, RESULTS_ROUTE, event_method_and_path, match_route
+from serving.identity import Caller, caller_from_event
+from serving.routes import (
+    BASE_PATH_PREFIX,
+    RESULT_ROUTE,
+    RESULTS_ROUTE,
+    SCORE_ROUTE,
+    allowed_methods,
+    resolver_rule,
+    strip_base_path,
+)
 from serving.storage import IdempotencyConflict, InvalidPageToken, ResultRecord, ResultStore, StorageError
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"  # what `promote` writes
@@ -50,6 +74,13 @@ SERVICE_NAME = os.environ.get("POWERTOOLS_SERVICE_NAME", "visual-inspection")
 METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "VisualInspection")
 logger = Logger(service=SERVICE_NAME)
 RETRY_AFTER_S = "1"
+JSON = "application/json"
+# Kept free at the end of the Lambda's time to log, emit metrics and return the answer.
+RESPONSE_RESERVE_S = 0.5
+# Powertools keeps the event being resolved on its router class (one per process, as Lambda runs
+# one event at a time per environment). A process that serves events from several threads (the
+# local server, tests) must resolve one at a time, or a route would read another request's event.
+_RESOLVE_LOCK = threading.Lock()
 
 RESPONSE_FIELDS = (
     "score",
@@ -70,37 +101,61 @@ RESPONSE_FIELDS = (
 )
 
 
-def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """A proxy-integration response understood by API Gateway v1, v2 and function URLs."""
-    return {
-        "statusCode": status,
-        "headers": {"content-type": "application/json", **(headers or {})},
-        "body": json.dumps(body, separators=(",", ":")),
-        "isBase64Encoded": False,
-    }
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    request_id: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
+def error_body(code: str, message: str, request_id: str | None = None) -> str:
     """``{"error": {"code", "message"}}`` (+ ``request_id`` when known, to correlate with logs)."""
     error: dict[str, Any] = {"code": code, "message": message}
     if request_id:
         error["request_id"] = request_id
-    return json_response(status, {"error": error}, headers)
+    return _dumps({"error": error})
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+@dataclass
+class Trace:
+    """One request's log fields, latency per phase and the ids known so far (for error bodies)."""
+
+    caller: Caller
+    aws_request_id: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    latency: dict[str, float] = field(default_factory=dict)
+    log: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    camera_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.log.update(aws_request_id=self.aws_request_id, **self.caller.log_fields())
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one phase into ``latency[name]`` (ms), also when it raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.latency[name] = (time.perf_counter() - started) * 1000.0
+
+    def identify(self, camera_id: str | None, request_id: str | None = None) -> None:
+        """Record the ids once known: in every later log line, error body and as correlation id."""
+        if camera_id:
+            self.camera_id = camera_id
+            self.log["camera_id"] = camera_id
+        if request_id:
+            self.request_id = request_id
+            self.log["request_id"] = request_id
+            logger.set_correlation_id(request_id)
 
 
 class InferenceService:
-    """One scorer + one result store + input limits; :meth:`handle` serves one event."""
+    """Scorer + result store + input limits behind a REST resolver; :meth:`handle` serves one event."""
 
     def __init__(self, scorer: Scorer, store: ResultStore, limits: RequestLimits | None = None) -> None:
         self.scorer = scorer
         self.store = store
         self.limits = limits or RequestLimits()
+        self.app = self._resolver()
 
     @classmethod
     def from_env(cls) -> InferenceService:
@@ -108,92 +163,145 @@ class InferenceService:
         model_dir = Path(os.environ.get("MODEL_DIR") or DEFAULT_MODEL_DIR)
         return cls(Scorer.from_dir(model_dir), ResultStore.from_env(), RequestLimits.from_env())
 
+    def _resolver(self) -> APIGatewayRestResolver:
+        """Routes from the route table, one exception handler per failure type, 404/405 for the rest."""
+        app = APIGatewayRestResolver(strip_prefixes=[BASE_PATH_PREFIX])
+        app.route(resolver_rule(SCORE_ROUTE[1]), SCORE_ROUTE[0])(self._post_image)
+        app.route(resolver_rule(RESULT_ROUTE[1]), RESULT_ROUTE[0])(self._get_result)
+        app.route(resolver_rule(RESULTS_ROUTE[1]), RESULTS_ROUTE[0])(self._list_results)
+        app.not_found(self._no_route)
+        app.exception_handler(RequestError)(self._client_error)
+        app.exception_handler(IdempotencyConflict)(self._idempotency_conflict)
+        app.exception_handler(StorageError)(self._storage_error)
+        app.exception_handler(PreprocessError)(self._unsupported_image)
+        app.exception_handler(ScoringError)(self._scoring_error)
+        app.exception_handler(Exception)(self._unexpected)
+        return app
+
     # -- entry ----------------------------------------------------------------------------------
     def handle(self, event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-        """Serve one event; never raises (every failure becomes a JSON error response)."""
-        started = time.perf_counter()
-        latency: dict[str, float] = {}
-        log: dict[str, Any] = {"aws_request_id": getattr(context, "aws_request_id", None)}
-        state: dict[str, Any] = {"request_id": None, "camera_id": None}
-        try:
-            method, path = event_method_and_path(event) if isinstance(event, dict) else ("POST", "")
-            if method == "GET":
-                return self._handle_get(event, path, latency, started, log, state)
-            return self._handle_score(event, latency, started, log, state)
-        except RequestError as exc:
-            return self._fail(exc.status, exc.code, exc.message, state, latency, started, log)
-        except IdempotencyConflict:
-            message = (
-                f"idempotency key {state['request_id']!r} was already used for a different image, "
-                "camera or threshold; send a new key"
-            )
-            return self._fail(409, "idempotency_conflict", message, state, latency, started, log)
-        except StorageError as exc:
-            log["storage_error"] = str(exc)  # endpoint, bucket and key details: logs only
-            if exc.retryable:
-                return self._fail(
-                    503, f"{exc.store}_error", exc.public_message, state, latency, started, log, retry=True
-                )
-            return self._fail(500, f"{exc.store}_error", exc.public_message, state, latency, started, log)
-        except PreprocessError as exc:  # decoded fine, but no rule turns its pixels into model input
-            return self._fail(422, "unsupported_image", str(exc), state, latency, started, log)
-        except ScoringError as exc:
-            log["scoring_error"] = str(exc)
-            message = "the model failed on this image"
-            return self._fail(500, "scoring_error", message, state, latency, started, log)
-        except Exception:  # last resort: log the traceback, do not leak internals to the client
-            logger.exception("unhandled error", extra=log)
-            return self._fail(500, "internal_error", "internal error", state, latency, started, log)
+        """Serve one API Gateway REST proxy event; never raises (failures become JSON errors)."""
+        caller = caller_from_event(event) if isinstance(event, dict) else Caller(arn="anonymous")
+        trace = Trace(caller, aws_request_id=getattr(context, "aws_request_id", None))
+        with _RESOLVE_LOCK, self.store.deadline(storage_deadline(context)):
+            if not is_rest_event(event):  # nothing to route on: answered here, as the resolver cannot
+                logger.set_correlation_id(None)
+                response = self._fail(trace, 400, "unsupported_event", "not an API Gateway REST proxy event")
+                return {
+                    "statusCode": response.status_code,
+                    "multiValueHeaders": {"Content-Type": [JSON]},
+                    "body": response.body,
+                    "isBase64Encoded": False,
+                }
+            logger.set_correlation_id((event.get("requestContext") or {}).get("requestId"))
+            self.app.append_context(trace=trace)
+            return self.app.resolve(event, context)
 
-    # -- POST /cameras/{camera_id}/images ------------------------------------------------------
-    def _handle_score(
-        self,
-        event: dict[str, Any],
-        latency: dict[str, float],
-        started: float,
-        log: dict[str, Any],
-        state: dict[str, Any],
-    ) -> dict[str, Any]:
-        request = parse_event(event, self.limits, fallback_request_id=log["aws_request_id"])
-        latency["parse"] = _ms_since(started)
-        state.update(request_id=request.request_id, camera_id=request.camera_id)
-        logger.set_correlation_id(request.request_id)
-        log.update(
-            request_id=request.request_id,
-            camera_id=request.camera_id,
-            event_source=request.event_source,
+    @property
+    def _trace(self) -> Trace:
+        return self.app.context["trace"]
+
+    def _path_parameters(self, route_args: dict[str, str]) -> dict[str, str]:
+        """API Gateway's decoded ``pathParameters``, else the resolver's match decoded the same way."""
+        return self.app.current_event.path_parameters or {k: unquote(v) for k, v in route_args.items()}
+
+    # -- routes ---------------------------------------------------------------------------------
+    def _post_image(self, **route_args: str) -> Response:
+        trace, event = self._trace, self.app.current_event
+        params = self._path_parameters(route_args)
+        self._authorize_write(trace.caller, params.get("camera_id"))  # before any decoding
+        with trace.phase("parse"):
+            request = parse_event(
+                event, self.limits, path_parameters=params, fallback_request_id=trace.aws_request_id
+            )
+        trace.latency["decode"] = request.decode_ms
+        trace.identify(request.camera_id, request.request_id)
+        self._authorize_write(trace.caller, request.camera_id)  # the camera of the header or body
+        trace.log.update(
             image_bytes=len(request.image_bytes),
             image_size=list(request.original_size),
             working_size=list(request.image.size),
         )
+        body, replayed = self.score_and_store(request, trace)
+        return self._respond(trace, body, replayed=replayed, kind="score")
 
-        t = time.perf_counter()
-        existing = self.store.get(request.camera_id, request.request_id)
-        latency["lookup"] = _ms_since(t)
+    def _get_result(self, **route_args: str) -> Response:
+        trace = self._trace
+        self._authorize_read(trace.caller)
+        query = parse_result_query(self.app.current_event, self._path_parameters(route_args))
+        trace.identify(query.camera_id, query.request_id)
+        with trace.phase("lookup"):
+            item = self.store.get(query.camera_id, query.request_id)
+        if item is None:
+            raise RequestError(
+                404, "result_not_found", f"no stored result for {query.camera_id}/{query.request_id}"
+            )
+        body = self._answer(item, query.mask, query.regions, mask_bytes=None)
+        return self._respond(trace, body, replayed=True, kind="get")
+
+    def _list_results(self, **route_args: str) -> Response:
+        trace = self._trace
+        self._authorize_read(trace.caller)
+        query = parse_list_query(self.app.current_event, self.limits, self._path_parameters(route_args))
+        trace.identify(query.camera_id)
+        try:
+            with trace.phase("query"):
+                items, next_token = self.store.query(
+                    query.camera_id,
+                    since=query.since,
+                    until=query.until,
+                    limit=query.limit,
+                    next_token=query.next_token,
+                )
+        except InvalidPageToken as exc:
+            raise RequestError(400, "invalid_next_token", str(exc)) from exc
+        results = [self._answer(item, query.mask, query.regions, mask_bytes=None) for item in items]
+        body = {"camera_id": query.camera_id, "results": results, "next_token": next_token}
+        return self._respond(trace, body, replayed=True, kind="list")
+
+    @staticmethod
+    def _authorize_write(caller: Caller, camera_id: str | None) -> None:
+        if camera_id and not caller.may_write(camera_id):
+            raise RequestError(
+                403,
+                "forbidden",
+                f"these credentials belong to camera {caller.camera_id!r} and may post images only for it",
+            )
+
+    @staticmethod
+    def _authorize_read(caller: Caller) -> None:
+        if not caller.may_read():
+            raise RequestError(403, "forbidden", "camera credentials may post images but not read results")
+
+    # -- POST flow after parsing -------------------------------------------------------------------
+    def score_and_store(self, request: ScoringRequest, trace: Trace) -> tuple[dict[str, Any], bool]:
+        """Lookup (replay / 409) → score → analyse → overlay → persist: ``(answer, replayed)``.
+
+        Thread-safe and resolver-free: what two Lambda instances run at once for the same key.
+        """
+        latency = trace.latency
+        with trace.phase("lookup"):
+            existing = self.store.get(request.camera_id, request.request_id)
         if existing is not None:
             stored = existing.get("fingerprint")
             if stored and stored != request.fingerprint:
                 raise IdempotencyConflict(existing)
-            body = self._answer(existing, request.mask, request.regions, mask_bytes=None)
-            return self._respond(body, replayed=True, latency=latency, started=started, log=log)
+            return self._answer(existing, request.mask, request.regions, mask_bytes=None), True
 
-        t = time.perf_counter()
-        result = self.scorer.score(request.image)
-        latency["score"] = _ms_since(t)
-        latency.update({f"score_{k}": v for k, v in result.timings.items()})
+        with trace.phase("score"):
+            result = self.scorer.score(request.image)
+        latency.update(result.timings)  # preprocess, inference, postprocess
 
-        t = time.perf_counter()
-        threshold = request.threshold if request.threshold is not None else self.scorer.threshold
-        # The model-size map placed back on the working image through the resize policy (letterbox
-        # padding dropped), once: mask, regions and overlay all read these pixels.
-        heat = self.scorer.map_to_image(result.anomaly_map, request.image)
-        analysis = analyse(heat, threshold, request.image.size, request.original_size)
-        mask_bytes = mask_png(analysis.mask)
-        latency["analyse"] = _ms_since(t)
+        with trace.phase("analyse"):
+            threshold = request.threshold if request.threshold is not None else self.scorer.threshold
+            # The model-size map placed back on the working image through the resize policy
+            # (letterbox padding dropped), once: mask, regions and overlay all read these pixels.
+            heat = self.scorer.map_to_image(result.anomaly_map, request.image)
+            analysis = analyse(heat, threshold, request.image.size, request.original_size)
 
-        t = time.perf_counter()
-        overlay_png = overlay(request.image, heat)
-        latency["overlay"] = _ms_since(t)
+        with trace.phase("overlay"):  # both PNG encodings
+            overlay_png = overlay(request.image, heat)
+            mask_bytes = mask_png(analysis.mask)
 
         meta = self.scorer.metadata
         record = ResultRecord(
@@ -205,7 +313,7 @@ class InferenceService:
             threshold=threshold,
             model_name=meta.model_name,
             model_version=meta.registry_version,
-            latency_ms={k: latency[k] for k in ("parse", "score", "analyse", "overlay")},
+            latency_ms={k: latency[k] for k in ("parse", "score", "analyse", "overlay") if k in latency},
             image_width=request.original_size[0],
             image_height=request.original_size[1],
             fingerprint=request.fingerprint,
@@ -220,69 +328,63 @@ class InferenceService:
                 "mask_height": request.image.height,
             },
         )
-        t = time.perf_counter()
-        outcome = self.store.save(
-            record,
-            overlay_png,
-            mask_png=mask_bytes,
-            original=request.image_bytes,
-            original_content_type=request.content_type,
-        )
-        latency["persist"] = _ms_since(t)
-        own_mask = None if outcome.replayed else mask_bytes
-        body = self._answer(outcome.item, request.mask, request.regions, mask_bytes=own_mask)
-        return self._respond(body, replayed=outcome.replayed, latency=latency, started=started, log=log)
-
-    # -- GET routes ----------------------------------------------------------------------------
-    def _handle_get(
-        self,
-        event: dict[str, Any],
-        path: str,
-        latency: dict[str, float],
-        started: float,
-        log: dict[str, Any],
-        state: dict[str, Any],
-    ) -> dict[str, Any]:
-        # API Gateway names the route (v2 routeKey, v1 resource); function URLs only give the path.
-        declared = event.get("routeKey") if event.get("routeKey") != "$default" else None
-        if not declared and event.get("resource"):
-            declared = f"GET {event['resource']}"
-        matched = match_route("GET", path)
-        params = {**(matched[1] if matched else {}), **(event.get("pathParameters") or {})}
-        route = declared or (matched[0] if matched else "")
-        camera_id = validate_identifier(params.get("camera_id"), "camera_id", IDENTIFIER_RE)
-        state["camera_id"] = camera_id
-        query = query_parameters(event)
-        presentation = {k: v for k, v in query.items() if k in ("mask", "regions")}
-        _, _, mask, regions = parse_answer_options({}, presentation)
-        if route == " ".join(RESULT_ROUTE):
-            raw_id = params.get("request_id")
-            request_id = validate_identifier(raw_id, "request_id", REQUEST_ID_RE, ", '=', '+'")
-            state["request_id"] = request_id
-            logger.set_correlation_id(request_id)
-            item = self.store.get(camera_id, request_id)
-            latency["lookup"] = _ms_since(started)
-            if item is None:
-                raise RequestError(404, "result_not_found", f"no stored result for {camera_id}/{request_id}")
-            body = self._answer(item, mask, regions, mask_bytes=None)
-            return self._respond(body, replayed=True, latency=latency, started=started, log=log, kind="get")
-        if route != " ".join(RESULTS_ROUTE):
-            raise RequestError(404, "not_found", f"no route for GET {path}")
-        if mask == "base64":
-            raise RequestError(400, "invalid_mask", "lists return masks as URLs only: use mask=url")
-        since = normalise_timestamp(query["since"], "since") if "since" in query else None
-        until = normalise_timestamp(query["until"], "until") if "until" in query else None
-        limit = _page_limit(query.get("limit"), self.limits.max_results_page)
-        try:
-            items, next_token = self.store.query(
-                camera_id, since=since, until=until, limit=limit, next_token=query.get("next_token") or None
+        with trace.phase("persist"):
+            outcome = self.store.save(
+                record,
+                overlay_png,
+                mask_png=mask_bytes,
+                original=request.image_bytes,
+                original_content_type=request.content_type,
+                timings=latency,
             )
-        except InvalidPageToken as exc:
-            raise RequestError(400, "invalid_next_token", str(exc)) from exc
-        latency["query"] = _ms_since(started)
-        results = [self._answer(item, mask, regions, mask_bytes=None) for item in items]
-        body = {"camera_id": camera_id, "results": results, "next_token": next_token}
-        return self._respond(body, replayed=True, latency=latency, started=started, log=log, kind="list")
+        own_mask = None if outcome.replayed else mask_bytes
+        return self._answer(
+            outcome.item, request.mask, request.regions, mask_bytes=own_mask
+        ), outcome.replayed
+
+    # -- failures (one handler per type) ---------------------------------------------------------
+    def _no_route(self, _: NotFoundError) -> Response:
+        method = self.app.current_event.http_method.upper()
+        path = self.app.current_event.path
+        allowed = allowed_methods(path)
+        if allowed:
+            message = f"{method} is not allowed on {strip_base_path(path)}; use {', '.join(allowed)}"
+            return self._fail(
+                self._trace, 405, "method_not_allowed", message, headers={"Allow": ", ".join(allowed)}
+            )
+        return self._fail(
+            self._trace, 404, "not_found", f"no route for {method} {strip_base_path(path)[:200]}"
+        )
+
+    def _client_error(self, exc: RequestError) -> Response:
+        return self._fail(self._trace, exc.status, exc.code, exc.message)
+
+    def _idempotency_conflict(self, _: IdempotencyConflict) -> Response:
+        message = (
+            f"idempotency key {self._trace.request_id!r} was already used for a different image, "
+            "camera or threshold; send a new key"
+        )
+        return self._fail(self._trace, 409, "idempotency_conflict", message)
+
+    def _storage_error(self, exc: StorageError) -> Response:
+        trace = self._trace
+        trace.log["storage_error"] = str(exc)  # endpoint, bucket and key details: logs only
+        if exc.retryable:
+            return self._fail(trace, 503, f"{exc.store}_error", exc.public_message, retry=True)
+        return self._fail(trace, 500, f"{exc.store}_error", exc.public_message)
+
+    def _unsupported_image(self, exc: PreprocessError) -> Response:
+        # Decoded fine, but no rule turns its pixels into model input.
+        return self._fail(self._trace, 422, "unsupported_image", str(exc))
+
+    def _scoring_error(self, exc: ScoringError) -> Response:
+        self._trace.log["scoring_error"] = str(exc)
+        return self._fail(self._trace, 500, "scoring_error", "the model failed on this image")
+
+    def _unexpected(self, exc: Exception) -> Response:
+        # Last resort: the traceback goes to the logs, nothing internal to the client.
+        logger.exception("unhandled error", extra=self._trace.log)
+        return self._fail(self._trace, 500, "internal_error", "internal error")
 
     # -- answer and response -------------------------------------------------------------------
     def _answer(
@@ -314,46 +416,49 @@ class InferenceService:
                 }
         return body
 
-    def _respond(
-        self,
-        body: dict[str, Any],
-        *,
-        replayed: bool,
-        latency: dict[str, float],
-        started: float,
-        log: dict[str, Any],
-        kind: str = "score",
-    ) -> dict[str, Any]:
-        latency["total"] = _ms_since(started)
+    def _respond(self, trace: Trace, body: dict[str, Any], *, replayed: bool, kind: str) -> Response:
+        """200 with ``body``: one log line and the request's metrics."""
+        trace.latency["total"] = (time.perf_counter() - trace.started) * 1000.0
         summary = {k: body.get(k) for k in ("score", "is_anomalous", "result_uri")} if kind != "list" else {}
         logger.info(
             "scored" if kind == "score" else "read",
-            extra={**log, "status": 200, "replayed": replayed, **summary, "latency_ms": _rounded(latency)},
+            extra={
+                **trace.log,
+                "status": 200,
+                "replayed": replayed,
+                **summary,
+                "latency_ms": _rounded(trace.latency),
+            },
         )
         camera, anomalous = body.get("camera_id"), body.get("is_anomalous")
-        self._emit_metrics(kind, 200, None, camera, anomalous, replayed, latency)
+        self._emit_metrics(kind, 200, None, camera, anomalous, replayed, trace.latency)
         headers = {"x-idempotent-replay": "true" if replayed else "false"} if kind == "score" else {}
-        return json_response(200, body, headers)
+        return Response(200, JSON, _dumps(body), headers=headers)
 
     def _fail(
         self,
+        trace: Trace,
         status: int,
         code: str,
         message: str,
-        state: dict[str, Any],
-        latency: dict[str, float],
-        started: float,
-        log: dict[str, Any],
         *,
         retry: bool = False,
-    ) -> dict[str, Any]:
-        latency["total"] = _ms_since(started)
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        """An error response: one log line (warning for 4xx, error for 5xx) and the error metric."""
+        trace.latency["total"] = (time.perf_counter() - trace.started) * 1000.0
         log_fn = logger.warning if status < 500 else logger.error
-        extra = {**log, "status": status, "code": code, "error": message, "latency_ms": _rounded(latency)}
+        extra = {
+            **trace.log,
+            "status": status,
+            "code": code,
+            "error": message,
+            "latency_ms": _rounded(trace.latency),
+        }
         log_fn("request failed", extra=extra)
-        self._emit_metrics("error", status, code, state.get("camera_id"), None, False, latency)
-        headers = {"retry-after": RETRY_AFTER_S} if retry else None
-        return error_response(status, code, message, state.get("request_id"), headers)
+        self._emit_metrics("error", status, code, trace.camera_id, None, False, trace.latency)
+        headers = {**(headers or {}), **({"Retry-After": RETRY_AFTER_S} if retry else {})}
+        return Response(status, JSON, error_body(code, message, trace.request_id), headers=headers)
 
     @staticmethod
     def _emit_metrics(
@@ -373,8 +478,7 @@ class InferenceService:
         try:
             phases = EphemeralMetrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
             for phase, ms in latency.items():
-                if not phase.startswith("score_"):
-                    phases.add_metric(name=f"latency_{phase}", unit=MetricUnit.Milliseconds, value=ms)
+                phases.add_metric(name=f"latency_{phase}", unit=MetricUnit.Milliseconds, value=ms)
             phases.add_metric(name="requests", unit=MetricUnit.Count, value=1)
             phases.flush_metrics()
             if code is not None:
@@ -393,16 +497,12 @@ class InferenceService:
             logger.exception("could not emit metrics")
 
 
-def _page_limit(raw: str | None, maximum: int) -> int:
-    if raw is None or raw == "":
-        return min(50, maximum)
-    if not raw.isdigit() or not (1 <= int(raw) <= maximum):
-        raise RequestError(400, "invalid_limit", f"limit must be an integer from 1 to {maximum}")
-    return int(raw)
-
-
-def _ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
+def storage_deadline(context: Any) -> float | None:
+    """When storage calls must be done (``time.monotonic()``): the Lambda's end less the reserve."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    return time.monotonic() + remaining() / 1000.0 - RESPONSE_RESERVE_S
 
 
 def _rounded(latency: dict[str, float]) -> dict[str, float]:

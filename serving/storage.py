@@ -27,6 +27,15 @@ the idempotency key must be derivable from the request alone, and ``captured_at`
 ``by_captured_at`` (``camera_id``, ``captured_at``); tombstones have no ``captured_at``, so they
 are not in it.
 
+Time budget: :meth:`ResultStore.deadline` sets, for the calling thread, the moment by which the
+request must be answered (the Lambda's remaining time less a reserve). Every HTTP attempt to S3 or
+DynamoDB, retries included, is started only if its worst case (connect + read timeout) ends before
+that moment, together with the backoff botocore may sleep before the next attempt (at most
+``min(2 ** (n - 1), 20)`` s after attempt ``n``, botocore's standard mode; a server's
+``x-amz-retry-after`` could add more, which S3 and DynamoDB do not send); otherwise it raises
+:class:`OutOfTime` unsent, which is a retryable storage error (503) like an unreachable store, and
+a put refused on a retry counts as an unknown outcome (rule 4).
+
 Endpoints come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL_DYNAMODB``), which boto3 honours by itself.
 """
@@ -35,10 +44,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -105,7 +118,20 @@ _DEFINITE_CODES = {
     "NoSuchBucket",
     "AccessDenied",
 }
+
+
+class OutOfTime(BotoCoreError):
+    """An attempt was not started: its worst case would end after the request's deadline.
+
+    Raised from a ``before-send`` hook, so botocore neither sends nor retries it.
+    ``kwargs["first_attempt"]`` tells whether an earlier attempt of the same call went out.
+    """
+
+    fmt = "not started: {left_s:.2f} s left before the deadline; attempt + backoff may take {attempt_s:.2f} s"
+
+
 _TRANSIENT_ERRORS = (
+    OutOfTime,
     EndpointConnectionError,
     ConnectionError,
     ConnectionClosedError,
@@ -206,6 +232,8 @@ def _is_definite_failure(exc: Exception) -> bool:
     """Whether the write certainly did not happen (validation, missing table, throttled, refused)."""
     if isinstance(exc, ClientError):
         return exc.response.get("Error", {}).get("Code") in _DEFINITE_CODES
+    if isinstance(exc, OutOfTime):  # unsent; but an earlier attempt of the same call may have landed
+        return bool(exc.kwargs.get("first_attempt"))
     return isinstance(exc, EndpointConnectionError | ConnectTimeoutError)
 
 
@@ -269,6 +297,41 @@ class ResultStore:
         config = default_client_config()
         self.s3 = s3_client or boto3.client("s3", config=config)
         self.dynamodb = dynamodb_client or boto3.client("dynamodb", config=config)
+        self._local = threading.local()  # the calling request's deadline (threads share a store)
+        for client in (self.s3, self.dynamodb):
+            client_config = client.meta.config
+            attempt_s = float(client_config.connect_timeout or 60) + float(client_config.read_timeout or 60)
+            retries = client_config.retries or {}
+            max_attempts = int(retries.get("total_max_attempts") or retries.get("max_attempts", 4) + 1)
+            client.meta.events.register(
+                "before-send",
+                functools.partial(self._refuse_late_attempt, attempt_s=attempt_s, max_attempts=max_attempts),
+            )
+
+    @contextmanager
+    def deadline(self, at: float | None) -> Iterator[None]:
+        """Calls from this thread must finish by ``at`` (``time.monotonic()``); ``None``: no limit."""
+        previous = getattr(self._local, "deadline", None)
+        self._local.deadline = at
+        try:
+            yield
+        finally:
+            self._local.deadline = previous
+
+    def _refuse_late_attempt(self, request: Any, attempt_s: float, max_attempts: int, **_: Any) -> None:
+        """``before-send`` hook: raise :class:`OutOfTime` for an attempt that might end past the deadline.
+
+        The attempt and the backoff sleep that may follow it must both fit: botocore sleeps before it
+        calls this hook again, so an unchecked sleep could outlast the deadline.
+        """
+        at = getattr(self._local, "deadline", None)
+        if at is None:
+            return
+        attempt = int(((getattr(request, "context", None) or {}).get("retries") or {}).get("attempt", 1))
+        backoff_s = 0.0 if attempt >= max_attempts else min(2.0 ** (attempt - 1), 20.0)
+        left = at - time.monotonic()
+        if left < attempt_s + backoff_s:
+            raise OutOfTime(left_s=left, attempt_s=attempt_s + backoff_s, first_attempt=attempt == 1)
 
     @classmethod
     def from_env(cls) -> ResultStore:
@@ -407,12 +470,15 @@ class ResultStore:
         mask_png: bytes | None = None,
         original: bytes | None = None,
         original_content_type: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> SaveOutcome:
         """Write this attempt's S3 objects, then the item conditionally; see the module docstring.
 
         Raises :class:`StorageError` (nothing stored, or an undecidable outcome with the
-        objects kept) or :class:`IdempotencyConflict` (another request owns the id).
+        objects kept) or :class:`IdempotencyConflict` (another request owns the id). ``timings``
+        receives each write's milliseconds (``s3_put_<kind>``, ``dynamodb_put``), also when it fails.
         """
+        timings = {} if timings is None else timings
         attempt_id = uuid.uuid4().hex[:16]
         keys = self.object_keys(
             record.camera_id,
@@ -430,7 +496,10 @@ class ResultStore:
         written: list[str] = []
         for kind, (body, content_type) in bodies.items():
             try:
-                self.s3.put_object(Bucket=self.bucket, Key=keys[kind], Body=body, ContentType=content_type)
+                with _timed(timings, f"s3_put_{kind}"):
+                    self.s3.put_object(
+                        Bucket=self.bucket, Key=keys[kind], Body=body, ContentType=content_type
+                    )
             except (ClientError, BotoCoreError) as exc:
                 written.append(keys[kind])  # the PUT may have landed: deleting a missing key is a no-op
                 self._delete_objects(written)
@@ -465,14 +534,18 @@ class ResultStore:
             item["original_uri"] = self.uri(keys["original"])
         item.update(expiry_attributes())
         try:
-            self.dynamodb.put_item(
-                TableName=self.table_name,
-                Item={k: _serializer.serialize(v) for k, v in to_dynamodb(item).items()},
-                ConditionExpression="attribute_not_exists(request_id) OR "
-                "(#s = :aborted AND NOT contains(aborted_attempts, :attempt))",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":aborted": {"S": STATUS_ABORTED}, ":attempt": {"S": attempt_id}},
-            )
+            with _timed(timings, "dynamodb_put"):
+                self.dynamodb.put_item(
+                    TableName=self.table_name,
+                    Item={k: _serializer.serialize(v) for k, v in to_dynamodb(item).items()},
+                    ConditionExpression="attribute_not_exists(request_id) OR "
+                    "(#s = :aborted AND NOT contains(aborted_attempts, :attempt))",
+                    ExpressionAttributeNames={"#s": "status"},
+                    ExpressionAttributeValues={
+                        ":aborted": {"S": STATUS_ABORTED},
+                        ":attempt": {"S": attempt_id},
+                    },
+                )
         except (ClientError, BotoCoreError) as exc:
             if _is_condition_failure(exc):
                 return self._resolve_existing(record, attempt_id, written)
@@ -574,6 +647,16 @@ class ResultStore:
         return failed
 
 
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Milliseconds of the block into ``timings[name]``, also when it raises (failed writes count)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = (time.perf_counter() - started) * 1000.0
+
+
 def encode_page_token(last_evaluated_key: dict[str, Any]) -> str:
     """An opaque ``next_token``: the GSI's LastEvaluatedKey as URL-safe base64 JSON."""
     plain = {k: v["S"] for k, v in last_evaluated_key.items() if "S" in v}
@@ -584,7 +667,9 @@ def decode_page_token(token: str, camera_id: str) -> dict[str, Any]:
     """Inverse of :func:`encode_page_token`; refuses tokens of another camera or another shape."""
     try:
         plain = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a forged token of deeply nested JSON; ValueError also covers integers
+        # over the 4,300-digit conversion limit.
         raise InvalidPageToken("next_token is not a token this API issued") from exc
     names = {"camera_id", "request_id", "captured_at"}
     if (

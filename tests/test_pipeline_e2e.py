@@ -151,6 +151,10 @@ def test_champion_registered_and_promoted(pipeline_repo: tuple[Path, dict[str, s
     champion = json.loads((work / "build" / "registry" / "champion.json").read_text())
     assert meta["registry_version"] == str(champion["version"])
     assert meta["run_id"] == champion["run_id"]
+    # params.yaml enables the INT8 gate: its figures are recorded whether or not it passed
+    int8 = meta["int8"]
+    assert isinstance(int8["passed_gate"], bool) and int8["why"]
+    assert (work / "serving" / "model" / "model.int8.onnx").is_file() == int8["passed_gate"]
     code = (
         "import mlflow, json, sys;"
         "c = mlflow.MlflowClient();"

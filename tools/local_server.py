@@ -1,14 +1,28 @@
-"""Serve the Lambda handler over local HTTP, translating requests the way API Gateway does.
+"""Serve the Lambda handler over local HTTP, translating requests the way API Gateway (REST) does.
 
-``python -m tools.local_server --port 8080 [--host 127.0.0.1] [--local-aws]``
+``python -m tools.local_server --port 8080 [--host 127.0.0.1] [--local-aws] [--caller-arn ARN]``
 
-Each HTTP request becomes an API Gateway HTTP API (payload format 2.0) event, built as the
-real service builds it: ``rawPath``/``rawQueryString``, lower-cased headers (repeated ones
-joined with commas), ``cookies``, ``requestContext`` with a request id in API Gateway's
-format, ``pathParameters`` for the routes in :data:`serving.routes.ROUTES`, and a body
-that is base64-encoded (``isBase64Encoded``) unless its content type is text. The handler's
-proxy response (status, headers, cookies, possibly base64 body) is written back verbatim.
-Unmatched routes get API Gateway's own ``404 {"message":"Not Found"}``.
+Production is an API Gateway REST API with Lambda proxy integration, so each HTTP request becomes
+the REST (payload 1.0) event that service sends: ``resource`` (the route template) and ``path``
+(as sent, percent-encoding kept), ``httpMethod``, ``headers`` (last value of a repeated header) and
+``multiValueHeaders``, ``queryStringParameters`` and ``multiValueQueryStringParameters``, decoded
+``pathParameters``, ``stageVariables``, ``requestContext`` (``resourcePath``, ``httpMethod``,
+``stage``, ``path`` with the stage, ``requestId``, ``extendedRequestId``, ``identity`` with
+``sourceIp``, ``userAgent``, ``userArn``, ``accessKey``, ...) and a body that is base64-encoded
+(``isBase64Encoded``) exactly when its content type is one of the API's binary media types
+(:data:`serving.events.IMAGE_CONTENT_TYPES`, which infra/ also deploys). A request no route serves
+gets REST API Gateway's own ``403 {"message":"Missing Authentication Token"}`` without reaching
+the handler, as in production.
+
+Identity: the deployed API uses IAM auth, which fills ``identity.userArn``/``accessKey`` from the
+verified signature. This server verifies nothing: it takes the access key from a SigV4
+``Authorization`` header if one is sent and the ARN from ``--caller-arn`` (e.g. a camera's, see
+:mod:`serving.identity`), so the handler's caller rules can be exercised locally.
+
+The connection is guarded as a front door should be: a missing, repeated, non-ASCII or non-numeric
+``Content-Length`` is a 400 (411 for a chunked body), a body over 10 MB a 413, and an upload that
+stalls is cut off with a 408 after a bounded time (per read and in total), so no thread waits on a
+client forever.
 
 The handler is the deployed one (``serving.app.handler``), so local behaviour — validation,
 scoring, persistence — is the Lambda's. Storage goes wherever the standard AWS environment
@@ -26,9 +40,12 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import io
 import json
 import os
+import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -41,39 +58,53 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
+from serving.events import IMAGE_CONTENT_TYPES
 from serving.routes import ROUTES, match_route
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
 __all__ = ["ROUTES", "build_event", "make_server", "match_route", "spawn"]
 
-# API Gateway's hard request limit for HTTP APIs.
+# API Gateway's hard request limit (REST and HTTP APIs alike).
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
 ACCOUNT_ID = "123456789012"
 API_ID = "local"
-TEXT_TYPES = {
-    "application/json",
-    "application/javascript",
-    "application/xml",
-    "application/yaml",
-    "application/x-www-form-urlencoded",
-}
+STAGE = "local"
+# How long a client may take: per socket read (also while idle between keep-alive requests), and
+# in total for one request (read + body budget). So a stalled or trickling client cannot hold a
+# thread forever.
+READ_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0
+BINARY_MEDIA_TYPES = frozenset(IMAGE_CONTENT_TYPES)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+_SIGV4_ACCESS_KEY = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
 
 def api_gateway_request_id() -> str:
-    """An id shaped like HTTP API's (``apigw-requestid``): 14 base64 characters plus ``=``."""
-    # URL-safe alphabet: a "/" would be rewritten by the handler (ids become S3 key parts).
+    """A REST API request id (``requestContext.requestId``, ``x-amzn-RequestId``): a UUID."""
+    return str(uuid.uuid4())
+
+
+def extended_request_id() -> str:
+    """REST's ``extendedRequestId`` (``x-amz-apigw-id``): 14 base64 characters plus ``=``."""
     return base64.urlsafe_b64encode(secrets.token_bytes(10)).decode()[:14] + "="
 
 
-def is_text_content(content_type: str | None) -> bool:
-    """Whether API Gateway passes the body as text (else it base64-encodes it)."""
-    if not content_type:
-        return False
-    media = content_type.split(";")[0].strip().lower()
-    return media.startswith("text/") or media in TEXT_TYPES or media.endswith(("+json", "+xml"))
+def is_binary_content(content_type: str | None) -> bool:
+    """Whether API Gateway (REST, these binary media types) base64-encodes the body."""
+    return bool(content_type) and content_type.split(";")[0].strip().lower() in BINARY_MEDIA_TYPES
+
+
+def _single_and_multi(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """REST's two views of repeated names: the last value, and every value in order."""
+    single: dict[str, str] = {}
+    multi: dict[str, list[str]] = {}
+    for name, value in pairs:
+        single[name] = value
+        multi.setdefault(name, []).append(value)
+    return single, multi
 
 
 def build_event(
@@ -82,71 +113,90 @@ def build_event(
     target: str,
     headers: list[tuple[str, str]],
     body: bytes,
-    route_key: str,
-    path_parameters: dict[str, str],
+    resource: str,
+    path_parameters: dict[str, str] | None,
     source_ip: str,
     host: str,
     request_id: str | None = None,
     now: float | None = None,
+    stage: str = STAGE,
+    caller_arn: str | None = None,
+    access_key: str | None = None,
 ) -> dict[str, Any]:
-    """The HTTP API payload-2.0 event API Gateway sends to Lambda for this request."""
+    """The REST API (payload 1.0) proxy event API Gateway sends to Lambda for this request.
+
+    ``caller_arn``/``access_key`` stand in for what IAM auth puts in ``requestContext.identity``.
+    """
     split = urlsplit(target)
     now = time.time() if now is None else now
-    merged: dict[str, str] = {}
-    cookies: list[str] = []
-    for name, value in headers:
-        key = name.lower()
-        if key == "cookie":
-            cookies += [c.strip() for c in value.split(";") if c.strip()]
-            continue
-        merged[key] = f"{merged[key]},{value}" if key in merged else value
-    merged.setdefault("x-forwarded-for", source_ip)
-    merged.setdefault("x-forwarded-proto", "http")
-    query: dict[str, str] = {}
-    for key, value in parse_qsl(split.query, keep_blank_values=True):
-        query[key] = f"{query[key]},{value}" if key in query else value
-
+    pairs = list(headers)
+    present = {name.lower() for name, _ in pairs}
+    port = host.rsplit(":", 1)[1] if ":" in host else "80"
+    for name, value in (
+        ("X-Forwarded-For", source_ip),
+        ("X-Forwarded-Port", port),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Amzn-Trace-Id", f"Root=1-{int(now):08x}-{secrets.token_hex(12)}"),
+    ):
+        if name.lower() not in present:
+            pairs.append((name, value))
+    single_headers, multi_headers = _single_and_multi(pairs)
+    single_query, multi_query = _single_and_multi(parse_qsl(split.query, keep_blank_values=True))
+    user_agent = next((v for k, v in reversed(pairs) if k.lower() == "user-agent"), None)
+    content_type = next((v for k, v in reversed(pairs) if k.lower() == "content-type"), None)
     request_id = request_id or api_gateway_request_id()
+    if access_key is None:
+        authorization = next((v for k, v in pairs if k.lower() == "authorization"), "")
+        found = _SIGV4_ACCESS_KEY.search(authorization)
+        access_key = found[1] if found else None
     event: dict[str, Any] = {
-        "version": "2.0",
-        "routeKey": route_key,
-        "rawPath": split.path,
-        "rawQueryString": split.query,
-        "headers": merged,
+        "resource": resource,
+        "path": split.path,
+        "httpMethod": method,
+        "headers": single_headers,
+        "multiValueHeaders": multi_headers,
+        "queryStringParameters": single_query or None,
+        "multiValueQueryStringParameters": multi_query or None,
+        "pathParameters": path_parameters or None,
+        "stageVariables": None,
         "requestContext": {
+            "resourceId": "local",
+            "resourcePath": resource,
+            "httpMethod": method,
+            "extendedRequestId": extended_request_id(),
+            "requestTime": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "path": f"/{stage}{split.path}",
             "accountId": ACCOUNT_ID,
-            "apiId": API_ID,
-            "domainName": host,
+            "protocol": "HTTP/1.1",
+            "stage": stage,
             "domainPrefix": host.split(".")[0].split(":")[0],
-            "http": {
-                "method": method,
-                "path": unquote(split.path),
-                "protocol": "HTTP/1.1",
-                "sourceIp": source_ip,
-                "userAgent": merged.get("user-agent", ""),
-            },
+            "requestTimeEpoch": int(now * 1000),
             "requestId": request_id,
-            "routeKey": route_key,
-            "stage": "$default",
-            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
-            "timeEpoch": int(now * 1000),
+            "identity": {
+                "cognitoIdentityPoolId": None,
+                "accountId": ACCOUNT_ID if caller_arn else None,
+                "cognitoIdentityId": None,
+                "caller": None,
+                "sourceIp": source_ip,
+                "principalOrgId": None,
+                "accessKey": access_key,
+                "cognitoAuthenticationType": None,
+                "cognitoAuthenticationProvider": None,
+                "userArn": caller_arn,
+                "userAgent": user_agent,
+                "user": None,
+            },
+            "domainName": host,
+            "apiId": API_ID,
         },
+        "body": None,
         "isBase64Encoded": False,
     }
-    if cookies:
-        event["cookies"] = cookies
-    if query:
-        event["queryStringParameters"] = query
-    if path_parameters:
-        event["pathParameters"] = path_parameters
     if body:
-        if is_text_content(merged.get("content-type")):
-            try:
-                event["body"] = body.decode("utf-8")
-            except UnicodeDecodeError:
-                event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
-        else:
+        if is_binary_content(content_type):
             event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
+        else:  # text: what does not decode is replaced, as API Gateway passes text bodies
+            event["body"] = body.decode("utf-8", errors="replace")
     return event
 
 
@@ -179,7 +229,7 @@ class HttpResponse:
 
 
 def to_http_response(result: Any) -> HttpResponse:
-    """Map a Lambda proxy result to HTTP as API Gateway (payload 2.0) does.
+    """Map a Lambda proxy result to HTTP as API Gateway does (``headers`` and ``multiValueHeaders``).
 
     A dict with ``statusCode`` is used as is; anything else is a 200 JSON body.
     """
@@ -195,53 +245,125 @@ def to_http_response(result: Any) -> HttpResponse:
     return HttpResponse(int(result["statusCode"]), headers, body)
 
 
-def _json_message(status: int, message: str) -> HttpResponse:
+def _json_message(status: int, message: str, *extra: tuple[str, str]) -> HttpResponse:
     return HttpResponse(
-        status, [("content-type", "application/json")], json.dumps({"message": message}).encode()
+        status,
+        [("content-type", "application/json"), *extra],
+        json.dumps({"message": message}).encode(),
     )
 
 
-def make_request_handler(handler: Handler, *, quiet: bool = False) -> type[BaseHTTPRequestHandler]:
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each bounded by ``read_timeout`` and all by the request's deadline."""
+
+    def __init__(self, sock: socket.socket, owner: Any, read_timeout: float) -> None:
+        self.sock, self.owner, self.read_timeout = sock, owner, read_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.owner.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(min(self.read_timeout, left))
+        return self.sock.recv_into(buffer)
+
+
+class _Refused(Exception):
+    """The connection's request cannot reach the handler; answered with ``response`` and closed."""
+
+    def __init__(self, response: HttpResponse) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def make_request_handler(
+    handler: Handler,
+    *,
+    quiet: bool = False,
+    caller_arn: str | None = None,
+    read_timeout: float = READ_TIMEOUT_S,
+    body_timeout: float = BODY_TIMEOUT_S,
+) -> type[BaseHTTPRequestHandler]:
     """A ``BaseHTTPRequestHandler`` subclass that turns each request into one handler call."""
 
     class ApiGatewayRequestHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as API Gateway clients expect
         server_version = "local-apigw"
+        timeout = read_timeout  # every socket read, including the request line and headers
 
         def _serve(self) -> None:
             request_id = api_gateway_request_id()
-            raw_length = (self.headers.get("content-length") or "0").strip()
-            if not raw_length.isdigit():  # API Gateway answers a bad Content-Length with 400
-                self._send(_json_message(400, "Bad Request: invalid Content-Length"), request_id, close=True)
+            try:
+                body = self._read_body()
+            except _Refused as refused:
+                self._send(refused.response, request_id, close=True)
                 return
-            length = int(raw_length)
-            if length > MAX_REQUEST_BYTES:
-                self._send(_json_message(413, "Request Entity Too Large"), request_id, close=True)
-                return
-            body = self.rfile.read(length) if length else b""
             path = urlsplit(self.path).path
             route = match_route(self.command, path)
-            if route is None:
-                self._send(_json_message(404, "Not Found"), request_id)
+            if route is None:  # REST API Gateway's answer for a resource/method it does not have
+                self._send(
+                    _json_message(
+                        403,
+                        "Missing Authentication Token",
+                        ("x-amzn-ErrorType", "MissingAuthenticationTokenException"),
+                    ),
+                    request_id,
+                )
                 return
             event = build_event(
                 method=self.command,
                 target=self.path,
                 headers=list(self.headers.items()),
                 body=body,
-                route_key=route[0],
+                resource=route[0],
                 path_parameters=route[1],
                 source_ip=self.client_address[0],
                 host=self.headers.get("host")
                 or f"{self.server.server_address[0]}:{self.server.server_address[1]}",
                 request_id=request_id,
+                caller_arn=caller_arn,
             )
             try:
                 response = to_http_response(handler(event, LocalContext()))
             except Exception:  # what API Gateway shows when the function errors
                 traceback.print_exc(file=sys.stderr)
-                response = _json_message(500, "Internal Server Error")
+                response = _json_message(502, "Internal server error")
             self._send(response, request_id)
+
+        def setup(self) -> None:
+            super().setup()
+            self.deadline = time.monotonic() + read_timeout + body_timeout
+            self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self, read_timeout))
+
+        def handle_one_request(self) -> None:
+            # One budget per request for the wait, the request line, the headers and the body: a
+            # client that sends a byte just often enough never trips the per-read timeout alone.
+            self.deadline = time.monotonic() + read_timeout + body_timeout
+            super().handle_one_request()
+
+        def _read_body(self) -> bytes:
+            """The body per a valid ``Content-Length``, within the request's time budget."""
+            lengths = self.headers.get_all("content-length") or []
+            if not lengths:
+                if self.headers.get("transfer-encoding"):
+                    raise _Refused(_json_message(411, "Length Required"))
+                return b""
+            raw = lengths[0].strip()
+            if len(set(lengths)) > 1 or not _CONTENT_LENGTH.fullmatch(raw):
+                # Only ASCII digits: int() would also take '١٢' or '１２' (and raise on '²').
+                raise _Refused(_json_message(400, "Bad Request: invalid Content-Length"))
+            length = int(raw)
+            if length > MAX_REQUEST_BYTES:
+                raise _Refused(_json_message(413, "Request Entity Too Large"))
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError as exc:
+                raise _Refused(_json_message(408, "Request Timeout")) from exc
+            if len(body) < length:  # the client closed before sending the whole body
+                raise _Refused(_json_message(400, "Bad Request: incomplete body"))
+            return body
 
         def _send(self, response: HttpResponse, request_id: str, *, close: bool = False) -> None:
             self.send_response(response.status)
@@ -250,7 +372,7 @@ def make_request_handler(handler: Handler, *, quiet: bool = False) -> type[BaseH
                 self.send_header(name, value)
             if "content-type" not in names:
                 self.send_header("content-type", "application/json")
-            self.send_header("apigw-requestid", request_id)
+            self.send_header("x-amzn-RequestId", request_id)
             self.send_header("date", formatdate(usegmt=True))
             self.send_header("content-length", str(len(response.body)))
             if close:
@@ -259,7 +381,7 @@ def make_request_handler(handler: Handler, *, quiet: bool = False) -> type[BaseH
             self.end_headers()
             self.wfile.write(response.body)
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
         def log_message(self, format: str, *args: Any) -> None:
             if not quiet:
@@ -273,14 +395,24 @@ class _LocalApiServer(ThreadingHTTPServer):
 
 
 def make_server(
-    handler: Handler, host: str = "127.0.0.1", port: int = 8080, *, quiet: bool = False
+    handler: Handler,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    quiet: bool = False,
+    caller_arn: str | None = None,
+    read_timeout: float = READ_TIMEOUT_S,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
     """A threaded HTTP server (one thread per connection) in front of ``handler``.
 
     The listen backlog is 128, not socketserver's 5: with dozens of clients connecting at
     once, a full accept queue makes the kernel drop or reset connections (client errors).
     """
-    server = _LocalApiServer((host, port), make_request_handler(handler, quiet=quiet))
+    request_handler = make_request_handler(
+        handler, quiet=quiet, caller_arn=caller_arn, read_timeout=read_timeout, body_timeout=body_timeout
+    )
+    server = _LocalApiServer((host, port), request_handler)
     server.daemon_threads = True
     return server
 
@@ -386,12 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--local-aws", action="store_true", help="start moto and create table + bucket")
     parser.add_argument("--quiet", action="store_true", help="no per-request access log")
+    parser.add_argument(
+        "--caller-arn", help="requestContext.identity.userArn of every request (IAM auth's caller)"
+    )
     args = parser.parse_args(argv)
 
     moto = start_local_aws() if args.local_aws else None
     from serving.app import handler  # imported after the AWS env is final: clients are built at import
 
-    server = make_server(handler, args.host, args.port, quiet=args.quiet)
+    server = make_server(handler, args.host, args.port, quiet=args.quiet, caller_arn=args.caller_arn)
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}", flush=True)
     try:

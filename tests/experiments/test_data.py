@@ -133,13 +133,44 @@ def test_dvc_md5_matches_dvc_itself(tmp_path: Path) -> None:
 
 def test_make_data_checks_the_dvc_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "d"
+    assert make_data.main(["--out", str(out), "--limit", "2"]) == 0
     dvc_file = tmp_path / "d.dvc"
-    dvc_file.write_text("outs:\n- md5: 00000000000000000000000000000000.dir\n  path: d\n")
-    assert make_data.main(["--out", str(out), "--limit", "2"]) == 1
-    assert "records 00000000000000000000000000000000.dir" in capsys.readouterr().err
     dvc_file.write_text(f"outs:\n- md5: {dvc_dir_md5(out)}\n  path: d\n")
     assert make_data.main(["--out", str(out), "--limit", "2"]) == 0
     assert "matches" in capsys.readouterr().out
+    # A file lost from the embedded set is repaired, and the md5 checked again.
+    next(iter((out / "train/good").iterdir())).unlink()
+    assert make_data.main(["--out", str(out), "--limit", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    # The md5 make_data predicts without writing is the md5 of what it writes.
+    assert make_data.embedded_md5(2) == dvc_dir_md5(out)
+
+
+def test_make_data_never_replaces_the_users_tracked_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make setup` runs make_data; a user who ran `dvc add data` on their own images keeps them."""
+    out = tmp_path / "d"
+    (out / "train" / "good").mkdir(parents=True)
+    (out / "train" / "good" / "mine.png").write_bytes(b"the user's own image")
+    dvc_file = tmp_path / "d.dvc"
+    dvc_file.write_text(f"outs:\n- md5: {dvc_dir_md5(out)}\n  path: d\n")
+    before = _tree(out)
+    assert make_data.main(["--out", str(out), "--limit", "2"]) == 0
+    assert "nothing written" in capsys.readouterr().out
+    assert _tree(out) == before
+    # Edited since `dvc add`: still left alone, with the commands that fix it.
+    (out / "train" / "good" / "mine.png").write_bytes(b"edited")
+    assert make_data.main(["--out", str(out), "--limit", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "tracks other data" in err and "dvc checkout --force" in err and "differs" in err
+    assert (out / "train" / "good" / "mine.png").read_bytes() == b"edited"
+    # Missing (a fresh clone before `dvc pull`): nothing written, told to pull.
+    import shutil
+
+    shutil.rmtree(out)
+    assert make_data.main(["--out", str(out), "--limit", "2"]) == 1
+    assert "is missing" in capsys.readouterr().err and not out.exists()
 
 
 def test_full_default_data_matches_committed_data_dvc(tmp_path: Path) -> None:

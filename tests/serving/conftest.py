@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,49 @@ def _body(body: bytes | str | None, base64_encoded: bool) -> str | None:
     return base64.b64encode(body.encode()).decode() if base64_encoded else body
 
 
+def rest_event(
+    method: str,
+    target: str,
+    *,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+    base64_encoded: bool | None = None,
+    request_id: str = "v1-request-id",
+    caller_arn: str | None = None,
+    access_key: str | None = None,
+    source_ip: str = "198.51.100.7",
+) -> dict[str, Any]:
+    """The REST API (payload 1.0) proxy event API Gateway sends for ``method target``.
+
+    Built by the local server's :func:`tools.local_server.build_event` (so tests and the local
+    server send the same events); ``resource``/``pathParameters`` come from the route table, or
+    name no route when ``target`` matches none (as a hand-made or misrouted event would).
+    ``base64_encoded`` overrides API Gateway's binary-media-type decision.
+    """
+    from tools.local_server import build_event, match_route
+
+    path = target.split("?")[0]
+    route = match_route(method, path)
+    raw = body.encode() if isinstance(body, str) else (body or b"")
+    event = build_event(
+        method=method,
+        target=target,
+        headers=list((headers or {}).items()),
+        body=raw,
+        resource=route[0] if route else path,
+        path_parameters=route[1] if route else None,
+        source_ip=source_ip,
+        host="abc123.execute-api.us-east-1.amazonaws.com",
+        request_id=request_id,
+        stage="prod",
+        caller_arn=caller_arn,
+        access_key=access_key,
+    )
+    if base64_encoded is not None and body is not None:
+        event["body"], event["isBase64Encoded"] = _body(body, base64_encoded), base64_encoded
+    return event
+
+
 def v1_event(
     body: bytes | str | None,
     headers: dict[str, str] | None = None,
@@ -54,62 +96,32 @@ def v1_event(
     base64_encoded: bool = True,
     path_parameters: dict[str, str] | None = None,
     request_id: str = "v1-request-id",
+    query: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """API Gateway REST API (payload v1) proxy event."""
-    return {
-        "resource": "/cameras/{camera_id}/score",
-        "path": "/cameras/x/score",
-        "httpMethod": "POST",
-        "headers": headers or {},
-        "multiValueHeaders": {k: [v] for k, v in (headers or {}).items()},
-        "queryStringParameters": None,
-        "pathParameters": path_parameters,
-        "requestContext": {"requestId": request_id, "stage": "prod", "httpMethod": "POST"},
-        "body": _body(body, base64_encoded),
-        "isBase64Encoded": base64_encoded,
-    }
+    """A REST v1 ``POST /cameras/{camera_id}/images`` event; without ``path_parameters`` it names no
+    camera in the path (so the parser's header/body/default camera rules can be tested)."""
+    camera = (path_parameters or {}).get("camera_id", "unnamed")
+    target = f"/cameras/{camera}/images"
+    if query:
+        from urllib.parse import urlencode
+
+        target += "?" + urlencode(query)
+    event = rest_event(
+        "POST", target, body=body, headers=headers, base64_encoded=base64_encoded, request_id=request_id
+    )
+    event["pathParameters"] = path_parameters
+    return event
 
 
-def v2_event(
-    body: bytes | str | None,
-    headers: dict[str, str] | None = None,
-    *,
-    base64_encoded: bool = True,
-    path_parameters: dict[str, str] | None = None,
-    request_id: str = "v2-request-id",
-    domain: str = "abc123.execute-api.us-east-1.amazonaws.com",
-) -> dict[str, Any]:
-    """API Gateway HTTP API (payload v2) event."""
-    return {
-        "version": "2.0",
-        "routeKey": "POST /score",
-        "rawPath": "/score",
-        "rawQueryString": "",
-        "headers": headers or {},
-        "pathParameters": path_parameters,
-        "requestContext": {
-            "requestId": request_id,
-            "domainName": domain,
-            "http": {"method": "POST", "path": "/score"},
-        },
-        "body": _body(body, base64_encoded),
-        "isBase64Encoded": base64_encoded,
-    }
-
-
-def url_event(
-    body: bytes | str | None, headers: dict[str, str] | None = None, **kwargs: Any
-) -> dict[str, Any]:
-    """Lambda function URL event (a v2 payload served from ``*.lambda-url.*``)."""
-    kwargs.setdefault("request_id", "url-request-id")
-    return v2_event(body, headers, domain="abcdefgh.lambda-url.us-east-1.on.aws", **kwargs)
-
-
-EVENT_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "apigw-rest-v1": v1_event,
-    "apigw-http-v2": v2_event,
-    "function-url": url_event,
-}
+def header(response: dict[str, Any], name: str) -> str | None:
+    """A response header by case-insensitive name, from ``headers`` or ``multiValueHeaders``."""
+    for key, value in (response.get("headers") or {}).items():
+        if key.lower() == name.lower():
+            return value
+    for key, values in (response.get("multiValueHeaders") or {}).items():
+        if key.lower() == name.lower() and values:
+            return values[-1]
+    return None
 
 
 def json_body(image: bytes, **fields: Any) -> str:

@@ -7,6 +7,7 @@ import io
 import json
 import urllib.request
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -17,8 +18,7 @@ from core.scoring import Scorer
 from serving.events import RequestLimits
 from serving.service import InferenceService
 from serving.storage import ResultStore
-from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v2_event
-from tools.local_server import build_event, match_route
+from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, rest_event
 
 
 def test_confidence_is_distance_from_threshold_relative_to_its_side() -> None:
@@ -59,32 +59,18 @@ def _service(scorer: Scorer) -> InferenceService:
 
 def _post(service: InferenceService, image: bytes, key: str, **fields: Any) -> dict[str, Any]:
     query = fields.pop("query", None)
-    event = v2_event(
-        json_body(image, **fields),
-        {"content-type": "application/json", "idempotency-key": key},
-        base64_encoded=False,
-        path_parameters={"camera_id": "cam-r"},
+    target = "/cameras/cam-r/images" + ("?" + urlencode(query) if query else "")
+    event = rest_event(
+        "POST",
+        target,
+        body=json_body(image, **fields),
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
     )
-    if query:
-        event["queryStringParameters"] = query
     return service.handle(event, None)
 
 
 def _get(service: InferenceService, target: str) -> dict[str, Any]:
-    path = target.split("?")[0]
-    route = match_route("GET", path)
-    assert route is not None, path
-    event = build_event(
-        method="GET",
-        target=target,
-        headers=[],
-        body=b"",
-        route_key=route[0],
-        path_parameters=route[1],
-        source_ip="127.0.0.1",
-        host="localhost",
-    )
-    return service.handle(event, None)
+    return service.handle(rest_event("GET", target), None)
 
 
 def test_answer_with_mask_regions_and_threshold_override(aws_resources: str, scorer: Scorer) -> None:
@@ -183,7 +169,7 @@ def test_emf_metrics_per_phase_camera_and_error(
     service = _service(scorer)
     capsys.readouterr()
     assert _post(service, elpv_image_bytes(7), "m-1")["statusCode"] == 200
-    bad = v2_event(b"junk", {"content-type": "image/png"}, path_parameters={"camera_id": "cam-r"})
+    bad = rest_event("POST", "/cameras/cam-r/images", body=b"junk", headers={"Content-Type": "image/png"})
     assert service.handle(bad, None)["statusCode"] == 422
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
     by_metric: dict[str, list[dict[str, Any]]] = {}
@@ -191,7 +177,25 @@ def test_emf_metrics_per_phase_camera_and_error(
         for directive in line["_aws"]["CloudWatchMetrics"]:
             for metric in directive["Metrics"]:
                 by_metric.setdefault(metric["Name"], []).append(line | {"dims": directive["Dimensions"][0]})
-    assert {"latency_parse", "latency_score", "latency_persist", "latency_total"} <= set(by_metric)
+    phases = {
+        "parse",
+        "decode",
+        "lookup",
+        "score",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "analyse",
+        "overlay",
+        "s3_put_overlay",
+        "s3_put_mask",
+        "dynamodb_put",
+        "persist",
+        "total",
+    }
+    assert {f"latency_{phase}" for phase in phases} <= set(by_metric), sorted(by_metric)
+    scored = [line for line in lines if "latency_s3_put_overlay" in line]
+    assert len(scored) == 1 and scored[0]["latency_dynamodb_put"][0] > 0
     (anomalies,) = by_metric["anomalies"]
     assert anomalies["camera_id"] == "cam-r" and "camera_id" in anomalies["dims"]
     (errors,) = by_metric["errors"]
@@ -235,35 +239,14 @@ def test_label_regions_matches_a_flood_fill_on_random_masks() -> None:
         assert got == sorted(expected), trial
 
 
-def test_get_from_rest_v1_with_stage_prefix_and_from_function_url(aws_resources: str, scorer: Scorer) -> None:
-    """v1 names the route in ``resource`` (its ``path`` may carry a stage); function URLs give a path."""
+def test_get_from_rest_v1_behind_a_custom_domain_base_path(aws_resources: str, scorer: Scorer) -> None:
+    """Behind a custom domain the REST ``path`` carries the base path mapping; routes still match."""
     service = _service(scorer)
     posted = json.loads(_post(service, elpv_image_bytes(3), "v1-1")["body"])
-    v1 = {
-        "resource": "/cameras/{camera_id}/results/{request_id}",
-        "path": "/prod/cameras/cam-r/results/v1-1",
-        "httpMethod": "GET",
-        "headers": {},
-        "queryStringParameters": None,
-        "pathParameters": {"camera_id": "cam-r", "request_id": "v1-1"},
-        "requestContext": {"requestId": "gw", "stage": "prod"},
-        "body": None,
-        "isBase64Encoded": False,
-    }
-    response = service.handle(v1, None)
+    event = rest_event("GET", "/cameras/cam-r/results/v1-1")
+    event["path"] = "/inspection/cameras/cam-r/results/v1-1"
+    response = service.handle(event, None)
     assert response["statusCode"] == 200 and json.loads(response["body"]) == posted
-    url = {
-        "version": "2.0",
-        "routeKey": "$default",
-        "rawPath": "/cameras/cam-r/results",
-        "rawQueryString": "",
-        "headers": {},
-        "requestContext": {
-            "requestId": "u",
-            "domainName": "abc.lambda-url.us-east-1.on.aws",
-            "http": {"method": "GET", "path": "/cameras/cam-r/results"},
-        },
-        "isBase64Encoded": False,
-    }
-    listing = json.loads(service.handle(url, None)["body"])
-    assert [r["request_id"] for r in listing["results"]] == ["v1-1"]
+    listing = rest_event("GET", "/cameras/cam-r/results")
+    listing["path"] = "/v1/cameras/cam-r/results"
+    assert [r["request_id"] for r in json.loads(service.handle(listing, None)["body"])["results"]] == ["v1-1"]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import boto3
 import pytest
@@ -39,8 +40,8 @@ SECRETS = {AWS_TEST_ENV["AWS_ACCESS_KEY_ID"]: AWS_TEST_ENV["AWS_SECRET_ACCESS_KE
 
 
 def signature_is_valid(event: dict[str, Any], region: str = "us-east-1") -> bool:
-    """Recompute the SigV4 signature of the request in ``event`` with the caller's secret key."""
-    headers = event.get("headers") or {}
+    """Recompute the SigV4 signature of the request in a REST ``event`` with the caller's secret key."""
+    headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
     found = AUTH_RE.match(headers.get("authorization", ""))
     if not found or found["region"] != region or found["key"] not in SECRETS:
         return False
@@ -51,10 +52,11 @@ def signature_is_valid(event: dict[str, Any], region: str = "us-east-1") -> bool
         if event.get("isBase64Encoded")
         else (event.get("body") or "").encode()
     )
-    query = f"?{event['rawQueryString']}" if event.get("rawQueryString") else ""
+    pairs = [(k, v) for k, vs in (event.get("multiValueQueryStringParameters") or {}).items() for v in vs]
+    query = f"?{urlencode(pairs, quote_via=quote)}" if pairs else ""
     request = AWSRequest(
-        method=event["requestContext"]["http"]["method"],
-        url=f"http://{headers['host']}{event['rawPath']}{query}",
+        method=event["httpMethod"],
+        url=f"http://{headers['host']}{event['path']}{query}",
         data=body,
         headers={name: headers[name] for name in found["signed"].split(";")},
     )
@@ -92,7 +94,7 @@ def api(aws_resources: str, scorer: Any) -> Iterator[Api]:
     decisions, failures_to_inject = state.decisions, state.inject
 
     def gate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-        if "authorization" not in (event.get("headers") or {}):
+        if "authorization" not in {name.lower() for name in event.get("headers") or {}}:
             decisions.append("missing")
             return forbidden("Missing Authentication Token")
         if not signature_is_valid(event):

@@ -1,4 +1,8 @@
-"""Event parsing and validation: every accepted shape, and every bad input mapped to its status."""
+"""Event parsing and validation of REST v1 events: every accepted body, every bad input mapped to its status.
+
+Production is API Gateway REST (payload 1.0), so every event here is one (built by the local
+server's ``build_event``); the HTTP API v2 / function-URL shapes the parser used to take are gone.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 from PIL import Image
 
 from serving.events import RequestError, RequestLimits, normalise_timestamp, parse_event
-from tests.serving.conftest import EVENT_BUILDERS, image_bytes, json_body, url_event, v1_event, v2_event
+from tests.serving.conftest import image_bytes, json_body, v1_event
 
 
 def _error(event: dict, limits: RequestLimits | None = None) -> RequestError:
@@ -22,13 +26,12 @@ def _error(event: dict, limits: RequestLimits | None = None) -> RequestError:
     return info.value
 
 
-@pytest.mark.parametrize("source", sorted(EVENT_BUILDERS))
 @pytest.mark.parametrize("fmt,content_type", [("PNG", "image/png"), ("JPEG", "image/jpeg")])
-def test_binary_body_each_event_shape(source: str, fmt: str, content_type: str) -> None:
+def test_binary_body(fmt: str, content_type: str) -> None:
     data = image_bytes(fmt=fmt)
-    event = EVENT_BUILDERS[source](data, {"Content-Type": content_type, "X-Camera-Id": "cam-7"})
+    event = v1_event(data, {"Content-Type": content_type, "X-Camera-Id": "cam-7"})
+    assert event["isBase64Encoded"] is True  # a binary media type: API Gateway base64-encodes it
     request = parse_event(event)
-    assert request.event_source == source
     assert request.image_bytes == data
     assert request.content_type == content_type
     assert request.image.size == (96, 80)
@@ -37,14 +40,11 @@ def test_binary_body_each_event_shape(source: str, fmt: str, content_type: str) 
     assert request.captured_at.endswith("Z")
 
 
-@pytest.mark.parametrize("source", sorted(EVENT_BUILDERS))
-def test_json_body_each_event_shape(source: str) -> None:
+def test_json_body() -> None:
     data = image_bytes(fmt="JPEG")
     body = json_body(data, camera_id="line-3", captured_at="2026-01-02T03:04:05+01:00")
     request = parse_event(
-        EVENT_BUILDERS[source](
-            body, {"content-type": "application/json; charset=utf-8"}, base64_encoded=False
-        )
+        v1_event(body, {"content-type": "application/json; charset=utf-8"}, base64_encoded=False)
     )
     assert request.image_bytes == data
     assert request.content_type == "image/jpeg"
@@ -53,9 +53,9 @@ def test_json_body_each_event_shape(source: str) -> None:
 
 
 def test_json_body_that_is_itself_base64_encoded() -> None:
-    """Function URLs may base64-encode any body; JSON must still work."""
+    """A REST API whose binary media types include ``*/*`` base64-encodes JSON too; it must still work."""
     data = image_bytes()
-    request = parse_event(url_event(json_body(data, camera_id="c1"), {"content-type": "application/json"}))
+    request = parse_event(v1_event(json_body(data, camera_id="c1"), {"content-type": "application/json"}))
     assert request.image_bytes == data
     assert request.camera_id == "c1"
 
@@ -63,7 +63,7 @@ def test_json_body_that_is_itself_base64_encoded() -> None:
 def test_json_accepts_data_url() -> None:
     data = image_bytes()
     body = json.dumps({"image": "data:image/png;base64," + base64.b64encode(data).decode()})
-    request = parse_event(v2_event(body, {"content-type": "application/json"}, base64_encoded=False))
+    request = parse_event(v1_event(body, {"content-type": "application/json"}, base64_encoded=False))
     assert request.image_bytes == data
 
 
@@ -79,37 +79,40 @@ def test_camera_id_sources_and_precedence() -> None:
         path_parameters={"camera_id": "path-cam"},
     )
     assert parse_event(agreeing).camera_id == "path-cam"
-    header_only = v2_event(data, {"content-type": "image/png", "x-camera-id": "hdr-cam"})
+    header_only = v1_event(data, {"content-type": "image/png", "x-camera-id": "hdr-cam"})
     assert parse_event(header_only).camera_id == "hdr-cam"
     body = json_body(data, camera_id="json-cam")
-    json_only = v2_event(body, {"content-type": "application/json"}, base64_encoded=False)
+    json_only = v1_event(body, {"content-type": "application/json"}, base64_encoded=False)
     assert parse_event(json_only).camera_id == "json-cam"
-    assert parse_event(v2_event(data, {"content-type": "image/png"})).camera_id == "unknown"
+    assert parse_event(v1_event(data, {"content-type": "image/png"})).camera_id == "unknown"
 
 
 def test_request_id_precedence() -> None:
     data = image_bytes()
     headers = {"content-type": "image/png"}
-    assert parse_event(v2_event(data, headers, request_id="ctx")).request_id == "ctx"
-    assert parse_event(v2_event(data, {**headers, "x-request-id": "client-1"})).request_id == "client-1"
+    assert parse_event(v1_event(data, headers, request_id="ctx")).request_id == "ctx"
+    assert parse_event(v1_event(data, {**headers, "x-request-id": "client-1"})).request_id == "client-1"
     both = {**headers, "x-request-id": "client-1", "Idempotency-Key": "idem-1"}
-    assert parse_event(v2_event(data, both)).request_id == "idem-1"
+    assert parse_event(v1_event(data, both)).request_id == "idem-1"
     # HTTP API request ids are base64 and end with '='; they are used as-is.
     assert (
-        parse_event(v2_event(data, headers, request_id="JFcJxjA5IAMEVqg=")).request_id == "JFcJxjA5IAMEVqg="
+        parse_event(v1_event(data, headers, request_id="JFcJxjA5IAMEVqg=")).request_id == "JFcJxjA5IAMEVqg="
     )
-    assert parse_event(v2_event(data, {**headers, "x-request-id": "a+b="})).request_id == "a+b="
+    assert parse_event(v1_event(data, {**headers, "x-request-id": "a+b="})).request_id == "a+b="
     # Server-side ids are made key-safe rather than rejected: the client cannot change them.
     assert parse_event(v1_event(data, headers, request_id="a/b c")).request_id == "a_b_c"
-    no_ctx = v2_event(data, headers)
+    no_ctx = v1_event(data, headers)
     no_ctx["requestContext"].pop("requestId")
     assert parse_event(no_ctx, fallback_request_id="lambda-id").request_id == "lambda-id"
+    # A REST request id is a UUID and is used as is.
+    uuid_id = "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
+    assert parse_event(v1_event(data, headers, request_id=uuid_id)).request_id == uuid_id
 
 
 def test_captured_at_defaults_to_now_and_naive_means_utc() -> None:
     data = image_bytes()
     before = datetime.now(UTC)
-    request = parse_event(v2_event(data, {"content-type": "image/png"}))
+    request = parse_event(v1_event(data, {"content-type": "image/png"}))
     parsed = datetime.fromisoformat(request.captured_at)
     assert abs((parsed - before).total_seconds()) < 5
     assert normalise_timestamp("2026-03-04T05:06:07") == "2026-03-04T05:06:07.000Z"
@@ -137,8 +140,8 @@ def _gif() -> bytes:
 @pytest.mark.parametrize(
     "event,status,code,fragment",
     [
-        (v2_event(None, {"content-type": "image/png"}), 400, "empty_body", "empty"),
-        (v2_event("", {"content-type": "image/png"}, base64_encoded=False), 400, "empty_body", "empty"),
+        (v1_event(None, {"content-type": "image/png"}), 400, "empty_body", "empty"),
+        (v1_event("", {"content-type": "image/png"}, base64_encoded=False), 400, "empty_body", "empty"),
         (
             v1_event(b"not an image at all", {"content-type": "image/png"}),
             422,
@@ -146,14 +149,14 @@ def _gif() -> bytes:
             "JPEG or PNG",
         ),
         (v1_event(image_bytes()[:200], {"content-type": "image/png"}), 422, "invalid_image", "truncated"),
-        (v2_event(_gif(), {"content-type": "image/png"}), 415, "unsupported_image_format", "GIF"),
+        (v1_event(_gif(), {"content-type": "image/png"}), 415, "unsupported_image_format", "GIF"),
         (
-            v2_event(image_bytes(), {"content-type": "text/plain"}),
+            v1_event(image_bytes(), {"content-type": "text/plain"}),
             415,
             "unsupported_media_type",
             "text/plain",
         ),
-        (v2_event(image_bytes(), {}), 415, "unsupported_media_type", "Content-Type"),
+        (v1_event(image_bytes(), {}), 415, "unsupported_media_type", "Content-Type"),
         (
             v1_event("abc", {"content-type": "image/png"}, base64_encoded=False),
             400,
@@ -161,62 +164,62 @@ def _gif() -> bytes:
             "",
         ),
         (
-            v2_event("@@@", {"content-type": "image/jpeg"}, base64_encoded=False) | {"isBase64Encoded": True},
+            v1_event("@@@", {"content-type": "image/jpeg"}, base64_encoded=False) | {"isBase64Encoded": True},
             400,
             "invalid_base64",
             "base64",
         ),
         (
-            v2_event("{nope", {"content-type": "application/json"}, base64_encoded=False),
+            v1_event("{nope", {"content-type": "application/json"}, base64_encoded=False),
             400,
             "invalid_json",
             "",
         ),
         (
-            v2_event("[1, 2]", {"content-type": "application/json"}, base64_encoded=False),
+            v1_event("[1, 2]", {"content-type": "application/json"}, base64_encoded=False),
             400,
             "invalid_json",
             "",
         ),
         (
-            v2_event('{"camera_id": "c"}', {"content-type": "application/json"}, base64_encoded=False),
+            v1_event('{"camera_id": "c"}', {"content-type": "application/json"}, base64_encoded=False),
             400,
             "missing_image",
             "'image'",
         ),
         (
-            v2_event('{"image": 5}', {"content-type": "application/json"}, base64_encoded=False),
+            v1_event('{"image": 5}', {"content-type": "application/json"}, base64_encoded=False),
             400,
             "invalid_base64",
             "'image'",
         ),
-        (v2_event(image_bytes(size=(8, 8)), {"content-type": "image/png"}), 422, "image_too_small", "8x8"),
+        (v1_event(image_bytes(size=(8, 8)), {"content-type": "image/png"}), 422, "image_too_small", "8x8"),
         (
-            v2_event(_png_claiming_size(60_000, 60_000), {"content-type": "image/png"}),
+            v1_event(_png_claiming_size(60_000, 60_000), {"content-type": "image/png"}),
             422,
             "image_too_large",
             "too large",
         ),
         (
-            v2_event(_png_claiming_size(11_000, 11_000), {"content-type": "image/png"}),
+            v1_event(_png_claiming_size(11_000, 11_000), {"content-type": "image/png"}),
             422,
             "image_too_large",
             "pixels",
         ),
         (
-            v2_event(image_bytes(), {"content-type": "image/png", "x-camera-id": "../etc"}),
+            v1_event(image_bytes(), {"content-type": "image/png", "x-camera-id": "../etc"}),
             400,
             "invalid_camera_id",
             "camera_id",
         ),
         (
-            v2_event(image_bytes(), {"content-type": "image/png", "idempotency-key": "a b"}),
+            v1_event(image_bytes(), {"content-type": "image/png", "idempotency-key": "a b"}),
             400,
             "invalid_request_id",
             "request_id",
         ),
         (
-            v2_event(
+            v1_event(
                 json_body(image_bytes(), captured_at="yesterday"),
                 {"content-type": "application/json"},
                 base64_encoded=False,
@@ -225,7 +228,6 @@ def _gif() -> bytes:
             "invalid_captured_at",
             "yesterday",
         ),
-        ({"Records": []}, 400, "unsupported_event", "API Gateway"),
     ],
     ids=lambda value: value if isinstance(value, str) and value else None,
 )
@@ -239,8 +241,8 @@ def test_body_over_limit_is_413_binary_and_json() -> None:
     limits = RequestLimits(max_body_bytes=1000)
     big = image_bytes(size=(200, 200), fmt="JPEG")
     assert len(big) > 1000
-    assert _error(v2_event(big, {"content-type": "image/png"}), limits).status == 413
-    json_event = v2_event(json_body(big), {"content-type": "application/json"}, base64_encoded=False)
+    assert _error(v1_event(big, {"content-type": "image/png"}), limits).status == 413
+    json_event = v1_event(json_body(big), {"content-type": "application/json"}, base64_encoded=False)
     error = _error(json_event, limits)
     assert (error.status, error.code) == (413, "payload_too_large")
 
@@ -248,9 +250,9 @@ def test_body_over_limit_is_413_binary_and_json() -> None:
 def test_missing_camera_id_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REQUIRE_CAMERA_ID", "true")
     limits = RequestLimits.from_env()
-    error = _error(v2_event(image_bytes(), {"content-type": "image/png"}), limits)
+    error = _error(v1_event(image_bytes(), {"content-type": "image/png"}), limits)
     assert (error.status, error.code) == (400, "missing_camera_id")
-    ok = parse_event(v2_event(image_bytes(), {"content-type": "image/png", "x-camera-id": "c9"}), limits)
+    ok = parse_event(v1_event(image_bytes(), {"content-type": "image/png", "x-camera-id": "c9"}), limits)
     assert ok.camera_id == "c9"
 
 

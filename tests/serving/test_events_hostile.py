@@ -16,7 +16,7 @@ from serving.events import (
     memory_pixel_cap,
     parse_event,
 )
-from tests.serving.conftest import image_bytes, json_body, v1_event, v2_event
+from tests.serving.conftest import image_bytes, json_body, v1_event
 
 
 def _error(event: dict, limits: RequestLimits | None = None) -> RequestError:
@@ -50,15 +50,16 @@ def test_small_png_claiming_36_megapixels_is_refused_at_2gb(monkeypatch: pytest.
     data = _tiny_png_claiming(6000, 6000)
     assert len(data) < 100_000
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
-    error = _error(v2_event(data, {"content-type": "image/png"}), RequestLimits.from_env())
+    error = _error(v1_event(data, {"content-type": "image/png"}), RequestLimits.from_env())
     assert (error.status, error.code) == (422, "image_too_large")
-    assert "6000x6000" in error.message and "MAX_IMAGE_PIXELS" in error.message
+    assert "6000x6000" in error.message
+    assert "MAX_" not in error.message  # limits by value, not by the deployer's variable name
 
 
 def test_large_png_within_cap_is_reduced_to_the_working_size() -> None:
     data = _tiny_png_claiming(3000, 2000)
     limits = RequestLimits(working_pixels=1_000_000)
-    request = parse_event(v2_event(data, {"content-type": "image/png"}), limits)
+    request = parse_event(v1_event(data, {"content-type": "image/png"}), limits)
     assert request.original_size == (3000, 2000)
     assert request.image.width * request.image.height <= 1_000_000
     assert request.image.size == (1000, 667)  # box-reduced by 3 (partial blocks kept)
@@ -69,13 +70,13 @@ def test_large_jpeg_is_decoded_at_reduced_scale() -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (6000, 4000), (120, 60, 30)).save(buffer, format="JPEG", quality=70)
     limits = RequestLimits(max_pixels=10_000_000, working_pixels=2_000_000, max_body_bytes=20_000_000)
-    request = parse_event(v2_event(buffer.getvalue(), {"content-type": "image/jpeg"}), limits)
+    request = parse_event(v1_event(buffer.getvalue(), {"content-type": "image/jpeg"}), limits)
     assert request.original_size == (6000, 4000)
     assert request.image.size == (1500, 1000)  # DCT scale 1/4: >= the 2 MP working size
     # The same JPEG with no draft room (working size = full size) is over the cap: refused.
     strict = RequestLimits(max_pixels=10_000_000, working_pixels=40_000_000, max_body_bytes=20_000_000)
     assert (
-        _error(v2_event(buffer.getvalue(), {"content-type": "image/jpeg"}), strict).code == "image_too_large"
+        _error(v1_event(buffer.getvalue(), {"content-type": "image/jpeg"}), strict).code == "image_too_large"
     )
 
 
@@ -91,7 +92,7 @@ def test_a_second_camera_that_disagrees_is_400(
     if header:
         headers["x-camera-id"] = header
     fields = {"camera_id": body} if body else {}
-    event = v2_event(
+    event = v1_event(
         json_body(data, **fields),
         headers,
         base64_encoded=False,
@@ -107,7 +108,7 @@ def test_a_second_camera_that_disagrees_is_400(
     ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00", 0, "", False, True, 12.5, [], "yesterday"],
 )
 def test_bad_captured_at_is_400_never_now(value: object) -> None:
-    event = v2_event(
+    event = v1_event(
         json_body(image_bytes(), captured_at=value),
         {"content-type": "application/json"},
         base64_encoded=False,
@@ -117,15 +118,15 @@ def test_bad_captured_at_is_400_never_now(value: object) -> None:
 
 
 def test_captured_at_header_empty_is_400_and_null_field_means_now() -> None:
-    error = _error(v2_event(image_bytes(), {"content-type": "image/png", "x-captured-at": ""}))
+    error = _error(v1_event(image_bytes(), {"content-type": "image/png", "x-captured-at": ""}))
     assert error.code == "invalid_captured_at"
     body = json.dumps({"image": json.loads(json_body(image_bytes()))["image"], "captured_at": None})
-    request = parse_event(v2_event(body, {"content-type": "application/json"}, base64_encoded=False))
+    request = parse_event(v1_event(body, {"content-type": "application/json"}, base64_encoded=False))
     assert request.captured_at.endswith("Z")
 
 
 def test_extreme_but_valid_captured_at_is_normalised() -> None:
-    event = v2_event(
+    event = v1_event(
         json_body(image_bytes(), captured_at="0001-01-01T05:00:00+01:00"),
         {"content-type": "application/json"},
         base64_encoded=False,
@@ -135,15 +136,15 @@ def test_extreme_but_valid_captured_at_is_normalised() -> None:
 
 def test_threshold_and_sensitivity_overrides() -> None:
     data = image_bytes()
-    event = v2_event(data, {"content-type": "image/png"})
+    event = v1_event(data, {"content-type": "image/png"})
     event["queryStringParameters"] = {"threshold": "0.7", "mask": "url", "regions": "true"}
     request = parse_event(event)
     assert (request.threshold, request.sensitivity, request.mask, request.regions) == (0.7, None, "url", True)
     body = json_body(data, sensitivity=0.8, mask=True)
-    request = parse_event(v2_event(body, {"content-type": "application/json"}, base64_encoded=False))
+    request = parse_event(v1_event(body, {"content-type": "application/json"}, base64_encoded=False))
     assert (request.threshold, request.sensitivity, request.mask) == (pytest.approx(0.2), 0.8, "base64")
     # The override is part of the fingerprint an idempotency key is bound to.
-    plain = parse_event(v2_event(data, {"content-type": "image/png"}))
+    plain = parse_event(v1_event(data, {"content-type": "image/png"}))
     assert plain.fingerprint != parse_event(event).fingerprint
 
 
@@ -175,5 +176,22 @@ def test_png_text_chunk_bomb_is_refused() -> None:
     chunk += struct.pack(">I", zlib.crc32(b"zTXt" + payload))
     bomb = base[:33] + chunk + base[33:]  # right after IHDR
     assert len(bomb) < 50_000
-    error = _error(v2_event(bomb, {"content-type": "image/png"}))
+    error = _error(v1_event(bomb, {"content-type": "image/png"}))
     assert error.status == 422 and error.code in {"invalid_image", "image_too_large"}
+
+
+@pytest.mark.parametrize("field", ["threshold", "sensitivity"])
+@pytest.mark.parametrize(
+    "value",
+    [10**400, 10**5000, -(10**400), float("inf")],
+    ids=["400-digits", "5001-digits", "negative", "inf"],
+)
+def test_numbers_beyond_float_range_are_400_and_not_echoed(field: str, value: object) -> None:
+    """``float()`` of a 400-digit int raises OverflowError and ``repr`` of a 5,000-digit one raises
+    ValueError: both must end as the option's 400, with a short message."""
+    from serving.events import parse_answer_options
+
+    with pytest.raises(RequestError) as info:
+        parse_answer_options({field: value}, {})
+    assert (info.value.status, info.value.code) == (400, f"invalid_{field}")
+    assert len(info.value.message) < 120

@@ -19,10 +19,11 @@ from botocore.config import Config
 from PIL import Image
 
 from core.scoring import Scorer, overlay
-from serving.events import RequestLimits
-from serving.service import InferenceService
-from serving.storage import ResultStore
-from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v2_event
+from serving.events import RequestLimits, parse_event
+from serving.identity import Caller
+from serving.service import InferenceService, Trace
+from serving.storage import IdempotencyConflict, ResultStore
+from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, header, json_body, rest_event
 from tests.serving.fault_proxy import FaultProxy
 
 CAPTURED_AT = "2026-03-04T05:06:07Z"
@@ -61,8 +62,8 @@ def _service(scorer: Scorer, endpoint: str, store_original: bool = False) -> Inf
 
 def _event(image: bytes, key: str, camera: str = "cam-f") -> dict[str, Any]:
     body = json_body(image, captured_at=CAPTURED_AT)
-    headers = {"content-type": "application/json", "idempotency-key": key}
-    return v2_event(body, headers, base64_encoded=False, path_parameters={"camera_id": camera})
+    headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+    return rest_event("POST", f"/cameras/{camera}/images", body=body, headers=headers)
 
 
 def _objects() -> dict[str, bytes]:
@@ -158,7 +159,7 @@ def test_every_fault_leaves_storage_consistent(name: str, proxy: FaultProxy, sco
     assert statuses[-1] == 200, statuses
     for response in responses[:-1]:
         assert response["statusCode"] == 503
-        assert response["headers"]["retry-after"] == "1"
+        assert header(response, "retry-after") == "1"
         error = json.loads(response["body"])["error"]
         assert error["code"] == f"{store}_error"
         assert error["message"].startswith(store)
@@ -168,7 +169,7 @@ def test_every_fault_leaves_storage_consistent(name: str, proxy: FaultProxy, sco
     assert list(items) == [("cam-f", f"key-{name}")]
     # The client's answer is the one a later replay gives.
     replay = service.handle(event, None)
-    assert replay["statusCode"] == 200 and replay["headers"]["x-idempotent-replay"] == "true"
+    assert replay["statusCode"] == 200 and header(replay, "x-idempotent-replay") == "true"
     assert json.loads(replay["body"]) == json.loads(responses[-1]["body"])
     assert_consistent([replay])
 
@@ -188,6 +189,19 @@ def test_same_key_different_image_is_409_and_stores_nothing(proxy: FaultProxy, s
     assert_consistent([first, third])
 
 
+def _score_and_store(service: InferenceService, event: dict[str, Any]) -> dict[str, Any]:
+    """What one Lambda instance does after routing, as a proxy response (200 or 409).
+
+    Lambda runs instances side by side; in one process the resolver serves one event at a time,
+    so the race between instances is run on the resolver-free part of the flow.
+    """
+    try:
+        body, _ = service.score_and_store(parse_event(event), Trace(Caller("anonymous")))
+    except IdempotencyConflict:
+        return {"statusCode": 409}
+    return {"statusCode": 200, "body": json.dumps(body)}
+
+
 def test_concurrent_same_key_two_images_overlay_matches_verdict(aws_resources: str, scorer: Scorer) -> None:
     """Ten concurrent requests, one key, two images: one verdict, and its overlay is its image's."""
     images = [elpv_image_bytes(2), elpv_image_bytes(6)]
@@ -196,7 +210,7 @@ def test_concurrent_same_key_two_images_overlay_matches_verdict(aws_resources: s
         key = f"race-{round_}"
         events = [_event(images[i % 2], key) for i in range(10)]
         with ThreadPoolExecutor(max_workers=10) as pool:
-            responses = list(pool.map(lambda event: service.handle(event, None), events))
+            responses = list(pool.map(lambda event: _score_and_store(service, event), events))
         statuses = sorted(r["statusCode"] for r in responses)
         assert set(statuses) <= {200, 409}, statuses
         oks = [json.loads(r["body"]) for r in responses if r["statusCode"] == 200]
@@ -239,3 +253,56 @@ def test_a_tombstone_left_behind_expires_like_an_item(
     assert [i["status"]["S"] for i in items] == ["aborted"]
     expires_at = int(items[0]["expires_at"]["N"])
     assert before + 30 * 86400 - 5 <= expires_at <= time.time() + 30 * 86400 + 5
+
+
+def test_storage_runs_against_the_lambdas_remaining_time(proxy: FaultProxy, scorer: Scorer) -> None:
+    """Every DynamoDB put hangs: the retries stop when one more attempt might outlast the Lambda,
+    the answer is a 503 while there is time to give it, and a later retry settles consistently."""
+    from tools.local_server import LocalContext
+
+    config = Config(
+        connect_timeout=1.0, read_timeout=1.0, retries={"mode": "standard", "total_max_attempts": 6}
+    )
+    store = ResultStore(
+        TABLE,
+        BUCKET,
+        "results/",
+        s3_client=boto3.client("s3", endpoint_url=proxy.url, config=config),
+        dynamodb_client=boto3.client("dynamodb", endpoint_url=proxy.url, config=config),
+    )
+    service = InferenceService(scorer, store, RequestLimits())
+    proxy.add("dynamodb:PutItem", "delay", 6, delay_s=3.0)  # each attempt times out after 1 s
+    event = _event(elpv_image_bytes(4), key="late-1")
+    context = LocalContext(timeout_s=6.0)
+    response = service.handle(event, context)
+    spare_ms = context.get_remaining_time_in_millis()
+
+    assert proxy.fired()
+    assert response["statusCode"] == 503, (response["body"], proxy.fired())
+    assert header(response, "retry-after") == "1"
+    assert json.loads(response["body"])["error"]["code"] == "dynamodb_error"
+    assert spare_ms >= 300, f"answered with only {spare_ms} ms of the Lambda's time left"
+    fired_puts = sum(1 for operation, _ in proxy.fired() if operation == "dynamodb:PutItem")
+    assert fired_puts < 6, proxy.fired()  # the budget, not boto's attempt limit, ended the retries
+    proxy.wait_idle(timeout=15)  # the late puts land
+    proxy.clear()
+
+    retry = service.handle(event, LocalContext(timeout_s=30.0))
+    proxy.wait_idle(timeout=15)
+    assert retry["statusCode"] == 200, retry["body"]
+    assert_consistent([retry])
+
+
+def test_too_little_time_left_starts_no_storage_call(aws_resources: str, scorer: Scorer) -> None:
+    """With less time left than one attempt and its backoff may take (2 s connect + 5 s read + 1 s),
+    nothing is sent."""
+    from tools.local_server import LocalContext
+
+    service = InferenceService(scorer, ResultStore(TABLE, BUCKET, "results/"), RequestLimits())
+    response = service.handle(_event(elpv_image_bytes(0), key="short-1"), LocalContext(timeout_s=4.0))
+    assert response["statusCode"] == 503
+    assert json.loads(response["body"])["error"]["code"] == "dynamodb_error"
+    assert _objects() == {} and _complete_items() == {}
+    assert boto3.client("dynamodb").scan(TableName=TABLE)["Items"] == []  # not even a tombstone
+    ok = service.handle(_event(elpv_image_bytes(0), key="short-1"), LocalContext(timeout_s=29.0))
+    assert ok["statusCode"] == 200, ok["body"]

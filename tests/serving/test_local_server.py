@@ -1,4 +1,4 @@
-"""``tools.local_server``: real HTTP on 127.0.0.1 → API Gateway v2 events → the Lambda handler.
+"""``tools.local_server``: real HTTP on 127.0.0.1 → API Gateway REST (v1) events → the Lambda handler.
 
 The server runs as ``python -m tools.local_server`` in a subprocess (as a developer runs
 it), with storage on the local moto endpoint; requests go through urllib.
@@ -11,12 +11,17 @@ import fcntl
 import io
 import json
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -25,7 +30,7 @@ from PIL import Image
 from config.paths import REPO_ROOT as REPO
 from serving.events import parse_event
 from tests.conftest import AWS_TEST_ENV
-from tools.local_server import build_event, match_route, spawn, to_http_response
+from tools.local_server import build_event, make_server, match_route, spawn, to_http_response
 
 TABLE = "local-server-results"
 BUCKET = "local-server-results"
@@ -82,9 +87,14 @@ def request(
     req = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
+            return resp.status, _lower(resp.headers), json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), json.loads(err.read())
+        return err.code, _lower(err.headers), json.loads(err.read())
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    """Response headers by lower-cased name (HTTP names are case-insensitive)."""
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def test_png_upload_is_scored_and_stored(server_url: str, moto_server: str) -> None:
@@ -95,7 +105,7 @@ def test_png_upload_is_scored_and_stored(server_url: str, moto_server: str) -> N
     )
     assert status == 200, body
     assert headers["content-type"] == "application/json"
-    assert headers["apigw-requestid"].endswith("=")
+    assert uuid.UUID(headers["x-amzn-requestid"])  # REST request ids are UUIDs
     assert body["camera_id"] == "cam-7"  # from pathParameters
     assert body["request_id"] == "req-png-1"
     assert body["score"] >= 0.0 and isinstance(body["is_anomalous"], bool)
@@ -149,11 +159,14 @@ def test_bad_bodies_are_client_errors(
     assert payload["error"]["code"]
 
 
-def test_unknown_route_is_api_gateway_404(server_url: str) -> None:
-    status, _, body = request(f"{server_url}/nope", b"x", {"Content-Type": "image/png"})
-    assert (status, body) == (404, {"message": "Not Found"})
-    status, _, body = request(f"{server_url}/cameras/cam-1/images", None, {}, method="GET")
-    assert (status, body) == (404, {"message": "Not Found"})
+def test_unknown_route_is_rest_api_gateways_403(server_url: str) -> None:
+    """REST API Gateway answers a resource or method it does not have itself, without the function."""
+    status, headers, body = request(f"{server_url}/nope", b"x", {"Content-Type": "image/png"})
+    assert (status, body) == (403, {"message": "Missing Authentication Token"})
+    assert headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
+    for method in ("GET", "PUT", "DELETE"):
+        status, _, body = request(f"{server_url}/cameras/cam-1/images", None, {}, method=method)
+        assert (status, body) == (403, {"message": "Missing Authentication Token"}), method
 
 
 def test_concurrent_requests(server_url: str) -> None:
@@ -191,46 +204,92 @@ def test_many_concurrent_requests_all_succeed(server_url: str) -> None:
 
 
 def test_request_without_client_id_uses_api_gateway_request_id(server_url: str) -> None:
-    """HTTP API request ids end with '='; the handler must accept them as the request id."""
+    """Without a client id the request id is API Gateway's (a UUID for REST APIs)."""
     status, headers, body = request(
         f"{server_url}/cameras/cam-9/images", png_bytes(), {"Content-Type": "image/png"}
     )
     assert status == 200, body
-    assert body["request_id"] == headers["apigw-requestid"]
+    assert body["request_id"] == headers["x-amzn-requestid"]
 
 
 # -- event construction (no server) ---------------------------------------------------------
 
 
-def test_build_event_matches_api_gateway_v2_shape() -> None:
-    route_key, params = match_route("POST", "/cameras/line%201/images")  # type: ignore[misc]
+def test_build_event_matches_api_gateway_rest_shape() -> None:
+    """Every field of a REST (payload 1.0) proxy event, as API Gateway fills it."""
+    resource, params = match_route("POST", "/cameras/line%201/images")  # type: ignore[misc]
     event = build_event(
         method="POST",
         target="/cameras/line%201/images?a=1&a=2&b=",
-        headers=[("Content-Type", "image/png"), ("X-Thing", "1"), ("x-thing", "2"), ("Cookie", "s=1; t=2")],
+        headers=[
+            ("Content-Type", "image/png"),
+            ("X-Thing", "1"),
+            ("X-Thing", "2"),
+            ("User-Agent", "cam/1.0"),
+            (
+                "Authorization",
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/us-east-1/execute-api/aws4_request",
+            ),
+        ],
         body=b"\x89PNG\r\n",
-        route_key=route_key,
+        resource=resource,
         path_parameters=params,
-        source_ip="127.0.0.1",
+        source_ip="192.0.2.1",
         host="127.0.0.1:8080",
-        request_id="AbCdEfGhIjKlMn=",
+        request_id="c6af9ac6-7b61-11e6-9a41-93e8deadbeef",
         now=0.0,
+        caller_arn="arn:aws:iam::123456789012:user/visual-inspection/cameras/line-1",
     )
-    assert event["version"] == "2.0"
-    assert event["routeKey"] == event["requestContext"]["routeKey"] == "POST /cameras/{camera_id}/images"
-    assert event["rawPath"] == "/cameras/line%201/images"
-    assert event["requestContext"]["http"]["path"] == "/cameras/line 1/images"
-    assert event["rawQueryString"] == "a=1&a=2&b="
-    assert event["queryStringParameters"] == {"a": "1,2", "b": ""}
-    assert event["pathParameters"] == {"camera_id": "line 1"}
-    assert event["headers"]["content-type"] == "image/png"
-    assert event["headers"]["x-thing"] == "1,2"
-    assert "cookie" not in event["headers"] and event["cookies"] == ["s=1", "t=2"]
-    assert event["isBase64Encoded"] is True
+    assert set(event) == {
+        "resource",
+        "path",
+        "httpMethod",
+        "headers",
+        "multiValueHeaders",
+        "queryStringParameters",
+        "multiValueQueryStringParameters",
+        "pathParameters",
+        "stageVariables",
+        "requestContext",
+        "body",
+        "isBase64Encoded",
+    }
+    assert event["resource"] == "/cameras/{camera_id}/images"
+    assert event["path"] == "/cameras/line%201/images"  # REST keeps the path as sent
+    assert event["httpMethod"] == "POST"
+    assert event["pathParameters"] == {"camera_id": "line 1"}  # ... and decodes parameters
+    assert event["queryStringParameters"] == {"a": "2", "b": ""}  # last value wins
+    assert event["multiValueQueryStringParameters"] == {"a": ["1", "2"], "b": [""]}
+    assert event["headers"]["X-Thing"] == "2" and event["multiValueHeaders"]["X-Thing"] == ["1", "2"]
+    assert event["headers"]["Content-Type"] == "image/png"  # names as sent
+    assert event["headers"]["X-Forwarded-For"] == "192.0.2.1"
+    assert event["stageVariables"] is None
+    context = event["requestContext"]
+    assert context["resourcePath"] == "/cameras/{camera_id}/images"
+    assert context["httpMethod"] == "POST"
+    assert context["stage"] == "local" and context["path"] == "/local/cameras/line%201/images"
+    assert context["requestId"] == "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
+    assert context["extendedRequestId"].endswith("=")
+    assert context["requestTimeEpoch"] == 0 and context["requestTime"] == "01/Jan/1970:00:00:00 +0000"
+    identity = context["identity"]
+    assert identity["sourceIp"] == "192.0.2.1" and identity["userAgent"] == "cam/1.0"
+    assert identity["accessKey"] == "AKIDEXAMPLE"
+    assert identity["userArn"] == "arn:aws:iam::123456789012:user/visual-inspection/cameras/line-1"
+    assert event["isBase64Encoded"] is True  # image/png is one of the API's binary media types
     assert base64.b64decode(event["body"]) == b"\x89PNG\r\n"
-    assert event["requestContext"]["requestId"] == "AbCdEfGhIjKlMn="
-    assert event["requestContext"]["timeEpoch"] == 0
-    assert event["requestContext"]["time"] == "01/Jan/1970:00:00:00 +0000"
+    bare = build_event(
+        method="GET",
+        target="/cameras/c/results",
+        headers=[],
+        body=b"",
+        resource="/cameras/{camera_id}/results",
+        path_parameters={"camera_id": "c"},
+        source_ip="192.0.2.1",
+        host="localhost",
+    )
+    assert bare["queryStringParameters"] is None and bare["multiValueQueryStringParameters"] is None
+    assert bare["body"] is None and bare["isBase64Encoded"] is False
+    assert bare["requestContext"]["identity"]["userArn"] is None
 
 
 def test_text_bodies_are_not_base64_and_the_handler_parser_accepts_events() -> None:
@@ -240,14 +299,14 @@ def test_text_bodies_are_not_base64_and_the_handler_parser_accepts_events() -> N
         target="/cameras/cam-1/images",
         headers=[("content-type", "application/json; charset=utf-8"), ("x-request-id", "r-1")],
         body=json.dumps({"image": image}).encode(),
-        route_key="POST /cameras/{camera_id}/images",
+        resource="/cameras/{camera_id}/images",
         path_parameters={"camera_id": "cam-1"},
         source_ip="127.0.0.1",
         host="localhost:8080",
     )
     assert event["isBase64Encoded"] is False
     parsed = parse_event(event)
-    assert (parsed.event_source, parsed.camera_id, parsed.request_id) == ("apigw-http-v2", "cam-1", "r-1")
+    assert (parsed.camera_id, parsed.request_id) == ("cam-1", "r-1")
     assert match_route("GET", "/cameras/cam-1/images") is None
     assert match_route("POST", "/cameras/a/b/images") is None
 
@@ -268,23 +327,89 @@ def test_proxy_response_mapping() -> None:
     assert (plain.status, json.loads(plain.body)) == (200, {"ok": True})
 
 
-def test_bad_content_length_is_400_not_a_dropped_connection(server_url: str) -> None:
-    import socket
-    from urllib.parse import urlsplit
-
-    split = urlsplit(server_url)
-    with socket.create_connection((split.hostname, split.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /cameras/cam-1/images HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Content-Length: abc\r\n\r\n"
-        )
+def _raw_exchange(
+    url: str, data: bytes, *, trickle: float = 0.0, trickle_from: int = 0, timeout: float = 10
+) -> bytes:
+    """Send ``data`` on a fresh connection (from ``trickle_from`` on byte by byte every ``trickle`` s)
+    and read the reply head (empty if the server closed without one)."""
+    split = urlsplit(url)
+    with socket.create_connection((split.hostname, split.port), timeout=timeout) as sock:
+        if trickle:
+            sock.sendall(data[:trickle_from])
+            for byte in data[trickle_from:]:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # the server has answered and closed
+                    break
+                time.sleep(trickle)
+        else:
+            sock.sendall(data)
         reply = b""
         while b"\r\n\r\n" not in reply:
             chunk = sock.recv(4096)
             if not chunk:
                 break
             reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize(
+    "length_headers",
+    [
+        b"Content-Length: abc\r\n",
+        "Content-Length: \u00b2\r\n".encode(),  # '²': str.isdigit() is true, int() raises
+        "Content-Length: \u0661\u0662\r\n".encode(),  # Arabic-Indic '12': int() would accept it
+        "Content-Length: \uff11\uff12\r\n".encode(),  # full-width '12'
+        b"Content-Length: -1\r\n",
+        b"Content-Length: 12\r\nContent-Length: 13\r\n",
+    ],
+    ids=["letters", "superscript", "arabic-indic", "fullwidth", "negative", "conflicting"],
+)
+def test_bad_content_length_is_400_not_a_dropped_connection(server_url: str, length_headers: bytes) -> None:
+    reply = _raw_exchange(
+        server_url,
+        b"POST /cameras/cam-1/images HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        + length_headers
+        + b"\r\n",
+    )
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+
+
+def test_stalled_and_trickling_uploads_are_cut_off_without_calling_the_handler() -> None:
+    """A body that stops arriving gets 408 after the read timeout; a request that trickles in (each
+    byte within the read timeout) is cut off by the request's total budget; neither reaches the
+    handler, and the server keeps serving."""
+    calls: list[dict] = []
+    server = make_server(
+        lambda event, context: calls.append(event), port=0, quiet=True, read_timeout=0.5, body_timeout=1.5
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}"
+    head = (
+        b"POST /cameras/cam-1/images HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    try:
+        started = time.monotonic()
+        stalled = _raw_exchange(url, head + b"x" * 10)
+        assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        body_trickle = _raw_exchange(url, head + b"x" * 40, trickle=0.1, trickle_from=len(head))
+        assert body_trickle.startswith(b"HTTP/1.1 408"), body_trickle[:200]
+        assert time.monotonic() - started < 5  # the 2 s budget, not the 4 s the bytes would take
+        started = time.monotonic()
+        head_trickle = _raw_exchange(url, head, trickle=0.1)  # a slow-headers client
+        assert head_trickle == b""  # closed mid-headers, as http.server does on a timeout
+        assert time.monotonic() - started < 5  # not the 10 s the bytes would take
+        assert calls == []
+        missing = _raw_exchange(url, b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert missing.startswith(b"HTTP/1.1 403")  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_path_camera_wins_and_a_different_header_camera_is_400(server_url: str) -> None:
@@ -313,3 +438,32 @@ def test_get_result_routes_over_http(server_url: str) -> None:
     assert status == 200 and [r["request_id"] for r in listing["results"]] == ["get-1"]
     status, _, missing = request(f"{server_url}/cameras/cam-get/results/nope", None, {}, method="GET")
     assert status == 404 and missing["error"]["code"] == "result_not_found"
+
+
+def test_caller_arn_reaches_the_handler_and_a_camera_cannot_post_for_another(
+    aws_resources: str, scorer: Any
+) -> None:
+    """``--caller-arn`` stands in for IAM auth: the handler's camera rule applies over real HTTP."""
+    from serving.events import RequestLimits
+    from serving.identity import camera_arn
+    from serving.service import InferenceService
+    from serving.storage import ResultStore
+    from tests.serving.conftest import BUCKET as HANDLER_BUCKET
+    from tests.serving.conftest import TABLE as HANDLER_TABLE
+
+    service = InferenceService(scorer, ResultStore(HANDLER_TABLE, HANDLER_BUCKET), RequestLimits())
+    server = make_server(service.handle, port=0, quiet=True, caller_arn=camera_arn("123456789012", "cam-1"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        status, _, body = request(f"{url}/cameras/cam-2/images", png_bytes(), {"Content-Type": "image/png"})
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        assert boto3.client("dynamodb").scan(TableName=HANDLER_TABLE)["Items"] == []
+        status, _, body = request(f"{url}/cameras/cam-1/images", png_bytes(), {"Content-Type": "image/png"})
+        assert status == 200 and body["camera_id"] == "cam-1"
+        status, _, body = request(f"{url}/cameras/cam-1/results", None, {}, method="GET")
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+    finally:
+        server.shutdown()
+        server.server_close()

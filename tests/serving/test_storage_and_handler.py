@@ -22,7 +22,7 @@ from core.scoring import Scorer, overlay
 from serving.events import RequestLimits
 from serving.service import InferenceService
 from serving.storage import ResultRecord, ResultStore, StorageError, create_resources
-from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, json_body, v1_event, v2_event
+from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, header, json_body, rest_event
 from tools.local_server import LocalContext
 
 
@@ -48,13 +48,15 @@ def _service(scorer: Scorer, **store_kwargs: Any) -> InferenceService:
     return InferenceService(scorer, store, RequestLimits())
 
 
-def _png_event(image: bytes, request_id: str = "req-1", camera: str = "cam-1", **kwargs: Any) -> dict:
-    headers = {"content-type": "image/png", "x-camera-id": camera}
-    return v2_event(image, headers, request_id=request_id, **kwargs)
+def _png_event(
+    image: bytes, request_id: str = "req-1", camera: str = "cam-1", headers: dict[str, str] | None = None
+) -> dict:
+    headers = {"Content-Type": "image/png", **(headers or {})}
+    return rest_event("POST", f"/cameras/{camera}/images", body=image, headers=headers, request_id=request_id)
 
 
 def _body(response: dict) -> dict:
-    assert response["headers"]["content-type"] == "application/json"
+    assert header(response, "content-type") == "application/json"
     return json.loads(response["body"])
 
 
@@ -173,15 +175,17 @@ def test_from_env_requires_names(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: Scorer) -> None:
     service = _service(scorer, store_original=True)
     data = elpv_image_bytes(4)
-    event = v1_event(
-        json_body(data, camera_id="line-2", captured_at="2026-05-06T07:08:09Z"),
-        {"Content-Type": "application/json"},
-        base64_encoded=False,
+    event = rest_event(
+        "POST",
+        "/cameras/line-2/images",
+        body=json_body(data, camera_id="line-2", captured_at="2026-05-06T07:08:09Z"),
+        headers={"Content-Type": "application/json"},
         request_id="gw-1",
     )
+    assert event["isBase64Encoded"] is False  # JSON is not a binary media type: passed as text
     response = service.handle(event, None)
     assert response["statusCode"] == 200, response
-    assert response["headers"]["x-idempotent-replay"] == "false"
+    assert header(response, "x-idempotent-replay") == "false"
     body = _body(response)
     (item,) = _items()
     base = f"results/line-2/2026/05/06/gw-1/{item['attempt_id']['S']}"
@@ -223,14 +227,14 @@ def test_handler_scores_and_persists_byte_for_byte(aws_resources: str, scorer: S
 def test_retried_request_stores_nothing_twice(aws_resources: str, scorer: Scorer) -> None:
     service = _service(scorer)
     data = elpv_image_bytes(2)
-    headers = {"content-type": "image/png", "x-camera-id": "cam-1", "idempotency-key": "client-key-1"}
-    event = v2_event(data, headers, request_id="gw-first")
+    headers = {"Idempotency-Key": "client-key-1"}
+    event = _png_event(data, "gw-first", headers=headers)
     first = service.handle(event, None)
     objects_before = _objects()
-    retry = v2_event(data, headers, request_id="gw-second")  # API Gateway gives retries a new id
+    retry = _png_event(data, "gw-second", headers=headers)  # API Gateway gives retries a new id
     second = service.handle(retry, None)
     assert second["statusCode"] == 200
-    assert second["headers"]["x-idempotent-replay"] == "true"
+    assert header(second, "x-idempotent-replay") == "true"
     assert second["body"] == first["body"]
     assert _body(first)["request_id"] == "client-key-1"
     assert _objects() == objects_before
@@ -239,12 +243,14 @@ def test_retried_request_stores_nothing_twice(aws_resources: str, scorer: Scorer
 
 
 def test_handler_bad_request_is_json_4xx_and_stores_nothing(aws_resources: str, scorer: Scorer) -> None:
-    response = _service(scorer).handle(v2_event(b"garbage", {"content-type": "image/png"}), None)
+    response = _service(scorer).handle(_png_event(b"garbage"), None)
     assert response["statusCode"] == 422
     assert _body(response)["error"]["code"] == "invalid_image"
     response = _service(scorer).handle({"hello": "world"}, None)
     assert response["statusCode"] == 400
-    assert set(_body(response)["error"]) >= {"code", "message"}
+    assert _body(response)["error"]["code"] == "unsupported_event"
+    response = _service(scorer).handle({"Records": []}, None)  # an SQS/S3 event: not API Gateway
+    assert (response["statusCode"], _body(response)["error"]["code"]) == (400, "unsupported_event")
     assert _objects() == {} and _items() == []
 
 
@@ -294,7 +300,7 @@ def test_server_down_is_503(aws_env: str, scorer: Scorer, monkeypatch: pytest.Mo
     assert error["code"] == "dynamodb_error"
     assert error["message"].startswith("dynamodb is temporarily unavailable")
     assert str(port) not in response["body"]
-    assert response["headers"]["retry-after"] == "1"
+    assert header(response, "retry-after") == "1"
 
 
 def test_module_handler_from_env(aws_resources: str, serving_model_dir: Path, monkeypatch) -> None:
@@ -328,3 +334,25 @@ def test_serving_imports_no_torch(serving_model_dir: Path) -> None:
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_minimal_rest_event_is_served(aws_resources: str, scorer: Scorer) -> None:
+    """Only the fields a hand-written REST event carries (as tests/infra sends): no identity, query
+    or multi-value fields, no context; the handler needs none of them."""
+    import base64
+
+    event = {
+        "resource": "/cameras/{camera_id}/images",
+        "path": "/cameras/line-1-cam-2/images",
+        "httpMethod": "POST",
+        "headers": {"content-type": "image/png"},
+        "multiValueHeaders": {"content-type": ["image/png"]},
+        "pathParameters": {"camera_id": "line-1-cam-2"},
+        "requestContext": {"requestId": "req-0001", "stage": "full", "httpMethod": "POST"},
+        "body": base64.b64encode(elpv_image_bytes(2)).decode(),
+        "isBase64Encoded": True,
+    }
+    response = _service(scorer).handle(event)
+    assert response["statusCode"] == 200, response["body"]
+    body = _body(response)
+    assert (body["camera_id"], body["request_id"]) == ("line-1-cam-2", "req-0001")
