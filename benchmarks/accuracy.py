@@ -32,7 +32,7 @@ Printed per model: image AUROC with a bootstrap 95 % interval (1,000 stratified 
 test images, seeded), image F1, pixel AUROC and AU-PRO (as evaluate reports them), train and test time,
 peak memory of the train and evaluate processes. Why an interval: a cookie test split has a few dozen
 images, where one image moves AUROC by several points; the interval shows what the data can support.
-Nothing here asserts: the figures are for the README and for choosing params.
+Nothing here asserts: the figures are for docs/accuracy.md and for choosing params.
 """
 
 from __future__ import annotations

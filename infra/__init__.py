@@ -1,4 +1,4 @@
-"""AWS CDK app for the serving side: one stack per stage (see :mod:`infra.stack`, README *Deploy*).
+"""AWS CDK app for the serving side: one stack per stage (see :mod:`infra.stack`, docs/deploy.md).
 
 jsii (the bridge from Python to the CDK's JavaScript) prints a large banner on every run when
 Node is older than it likes; the machine's Node 20 works, so the banner is silenced here, before

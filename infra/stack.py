@@ -9,7 +9,7 @@ What is shared with ``serving/`` is imported, never restated, so the stack follo
 * the function's environment uses the variable names the handler reads (``RESULTS_TABLE``,
   ``RESULTS_BUCKET``, ``RESULTS_PREFIX``, ``MAX_BODY_BYTES`` ...).
 
-Design decisions (see README, *Deploy to AWS*):
+Design decisions (see docs/deploy.md):
 
 * **Auth: IAM (SigV4) on every method** of a REST API. A camera is an IAM user at
   :data:`serving.identity.CAMERA_PATH` named by its camera id (``python -m infra.cameras add``); the
@@ -26,7 +26,7 @@ Design decisions (see README, *Deploy to AWS*):
 * The stack needs no CDK bootstrap (``BootstraplessSynthesizer``: no assets), so the template can be
   deployed by plain CloudFormation (``infra.deploy``) without ``cdk bootstrap``.
 * Nothing is billed while idle except storage, CloudWatch alarms/dashboard and, when set,
-  provisioned concurrency (see README for figures).
+  provisioned concurrency (figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
