@@ -45,22 +45,23 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from config.params import ParamsError, load_params
+from config.params import Params, as_params, load_params
 from config.paths import REPO_ROOT
 from core.scoring import create_session
+from experiments.artifacts import CHECKPOINT_NAME, TRAIN_RECORD
 from experiments.backbones import BackboneError
 from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, run_ort
 from experiments.metrics import StreamingPixelMetrics
-from experiments.models import build_model, input_normalization, model_params, resize_policy
+from experiments.models import build_model, input_normalization, model_params
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
-from experiments.train import CHECKPOINT_NAME
 
 LOGGED_PARAM_SECTIONS = ("seed", "data", "backbone", "train", "evaluate")
 
@@ -69,38 +70,19 @@ class OnnxMismatchError(RuntimeError):
     """The exported ONNX model does not reproduce the torch model's scores."""
 
 
-def _number(value: object, kind: type | tuple[type, ...], minimum: float, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
-        raise ParamsError(f"params.yaml: evaluate.{key} must be a number >= {minimum}, got {value!r}")
-
-
-def evaluate_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validated ``evaluate`` section with defaults filled in."""
-    cfg = dict(params.get("evaluate") or {})
-    settings = {
-        "n_heatmaps": cfg.get("n_heatmaps", 6),
-        "latency_repeats": cfg.get("latency_repeats", 20),
-        "onnx_tolerance": cfg.get("onnx_tolerance", 1e-3),
-    }
-    _number(settings["n_heatmaps"], int, 0, "n_heatmaps")
-    _number(settings["latency_repeats"], int, 1, "latency_repeats")
-    _number(settings["onnx_tolerance"], (int, float), 1e-12, "onnx_tolerance")
-    settings["onnx_tolerance"] = float(settings["onnx_tolerance"])
-    return settings
-
-
-def load_serving_input(path: Path, size: int, policy: str = "letterbox") -> tuple[np.ndarray, np.ndarray]:
-    """Read an image the way serving does; return ``(float32[1,3,S,S] in [0,1], uint8 HxW grey view)``."""
+def load_serving_input(path: Path, size: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image the way serving does (``resize``: ``data.resize``); return
+    ``(float32[1,3,S,S] in [0,1], uint8 HxW grey view)``."""
     from PIL import Image
 
     from core.preprocess import fit_image, to_model_input
 
     with Image.open(path) as im:
-        rgb8 = fit_image(im, size, policy)
+        rgb8 = fit_image(im, size, resize)
     return to_model_input(rgb8), np.asarray(Image.fromarray(rgb8).convert("L"))
 
 
-def load_trained_model(model_name: str, params: dict[str, Any], ckpt: Path) -> Any:
+def load_trained_model(model_name: str, params: Params, ckpt: Path) -> Any:
     """The module of :func:`build_model` with the trained state of ``ckpt``, on the CPU, in eval mode.
 
     As anomalib's engine restores it for ``trainer.test(ckpt_path=...)``: ``weights_only`` loading
@@ -199,8 +181,8 @@ def compare_and_score(
     heatmap_dir: Path,
     n_heatmaps: int,
     model_name: str,
-    pixel_metrics: StreamingPixelMetrics | None = None,
-    policy: str = "letterbox",
+    pixel_metrics: StreamingPixelMetrics | None,
+    resize: str,
 ) -> dict[str, Any]:
     """Score every test image with torch and ONNX Runtime; return scores and the largest gaps.
 
@@ -223,7 +205,7 @@ def compare_and_score(
     model.eval()
     with torch.inference_mode():
         for index, (path, label, mask_path) in enumerate(samples):
-            x, grey = load_serving_input(path, size, policy)
+            x, grey = load_serving_input(path, size, resize)
             first_input = x if first_input is None else first_input
             raw = model.model(model.pre_processor(torch.from_numpy(x)))  # = model(x) before post-processing
             raw_peak = max(raw_peak, float(raw.pred_score.detach().abs().max()))
@@ -298,7 +280,7 @@ def measure_latency(model: Any, session: Any, x: np.ndarray, repeats: int) -> tu
 
 def log_to_mlflow(
     model_name: str,
-    params: dict[str, Any],
+    params: Params,
     metrics: dict[str, float],
     out_dir: Path,
     onnx_path: Path,
@@ -317,17 +299,18 @@ def log_to_mlflow(
 
     from experiments import tracking
 
+    raw = params.as_dict()
     experiment_id = tracking.get_or_create_experiment()
-    tags = tracking.run_tags(model_name, params, f"evaluate@{model_name}")
+    tags = tracking.run_tags(model_name, raw, f"evaluate@{model_name}")
     # "synthetic": metrics are on anomalib's synthetic anomalies (no real defect images yet)
     tags["test_set"] = "synthetic" if metrics.get("test_synthetic") else "real"
     tags["device"] = str(train_record.get("device", "unknown"))  # what train.accelerator resolved to
-    logged = {key: params.get(key) for key in LOGGED_PARAM_SECTIONS} | {
+    logged = {key: raw.get(key) for key in LOGGED_PARAM_SECTIONS} | {
         "model": model_params(model_name, params)
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=tags) as run:
         mlflow.log_params(tracking.flatten(logged) | {"test_set": tags["test_set"]})
-        tracking.log_data_input(params)  # the DVC hash of data/ in the UI's Dataset column
+        tracking.log_data_input(raw)  # the DVC hash of data/ in the UI's Dataset column
         mlflow.log_metrics(metrics)
         mlflow.log_dict(train_record, "train/train.json")
         mlflow.log_artifacts(str(out_dir / "plots"), artifact_path="plots")
@@ -353,22 +336,22 @@ def log_to_mlflow(
 
 def evaluate(
     model_name: str,
-    params: dict[str, Any],
+    params: Params | Mapping[str, Any],
     dataset: Path,
     models_dir: Path,
     out_dir: Path,
     use_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Run the whole evaluation for one model; return ``summary.json``'s content."""
-    settings = evaluate_params(params)
+    params = as_params(params)
+    settings = params.evaluate
     model_params(model_name, params)
     ckpt = models_dir / model_name / CHECKPOINT_NAME
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt} not found; run the train stage first (dvc repro train@{model_name})")
-    size = int(params["data"]["image_size"])
-    policy = resize_policy(params)
+    size, resize = params.need("data").image_size, params.need("data").resize
 
-    seed_everything(int(params["seed"]))
+    seed_everything(params.need("seed"))
     quiet_third_party_warnings()
     shutil.rmtree(out_dir, ignore_errors=True)
     (out_dir / "plots").mkdir(parents=True)
@@ -395,10 +378,10 @@ def evaluate(
         samples,
         size,
         out_dir / "heatmaps",
-        settings["n_heatmaps"],
+        settings.n_heatmaps,
         model_name,
         pixel_metrics,
-        policy,
+        resize,
     )
     test_time = time.perf_counter() - start
     anomalib_metrics = image_metrics(model, scored["labels"], scored["torch_scores"], scored["torch_labels"])
@@ -408,12 +391,12 @@ def evaluate(
     write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
     write_curve(out_dir / "plots" / "pr.csv", "recall", curves["recall"], "precision", curves["precision"])
     ort_ms, torch_ms = measure_latency(
-        model, scored["session"], scored["example_input"], settings["latency_repeats"]
+        model, scored["session"], scored["example_input"], settings.latency_repeats
     )
 
     from sklearn.metrics import roc_auc_score
 
-    train_json = models_dir / model_name / "train.json"
+    train_json = models_dir / model_name / TRAIN_RECORD
     train_record = json.loads(train_json.read_text()) if train_json.is_file() else {}
     if pixel_metrics is not None:
         anomalib_metrics |= pixel_metrics.compute()
@@ -435,7 +418,7 @@ def evaluate(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     # the tolerance, widened only where float32 itself cannot resolve the normalised score
-    allowed = settings["onnx_tolerance"] + ULPS_ALLOWED * scored["score_resolution"]
+    allowed = settings.onnx_tolerance + ULPS_ALLOWED * scored["score_resolution"]
     if metrics["onnx_max_abs_diff"] > allowed:
         raise OnnxMismatchError(
             f"{model_name}: ONNX Runtime pred_score differs from torch by {metrics['onnx_max_abs_diff']:.3g} "
@@ -452,7 +435,7 @@ def evaluate(
             onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
         ),
         "image_size": size,
-        "resize": policy,
+        "resize": resize,
         "input_normalization": input_normalization(model),  # inside the ONNX graph; promote records it
         "onnx_score_resolution": scored["score_resolution"],  # see score_resolution()
         "threshold": float(post.normalized_image_threshold),

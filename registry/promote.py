@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from config.params import Params, as_params
 from core.contract import SCHEMA_VERSION, input_block, load_metadata
 from core.files import sha256_file, swap_directory
 from core.preprocess import PreprocessError, check_policy, model_input
@@ -78,13 +79,15 @@ def _image_size(summary: EvalSummary) -> tuple[int, int]:
     raise PromoteError(f"{summary.path}: image_size must be a positive int or [height, width], got {raw!r}")
 
 
-def _geometry(summary: EvalSummary) -> str:
-    """The resize policy the champion was trained and evaluated with (``summary.json: resize``).
+#: What a summary.json written before the resize policy was recorded was evaluated with: a plain
+#: stretch. A fact about old files (not a default of the policy, which is data.resize's).
+LEGACY_SUMMARY_RESIZE = "stretch"
 
-    Summaries written before the policy was recorded were evaluated with a plain stretch.
-    """
+
+def _resize(summary: EvalSummary) -> str:
+    """The resize policy the champion was trained and evaluated with (``summary.json: resize``)."""
     try:
-        return check_policy(summary.get("resize", "stretch"), f"{summary.path}: resize")
+        return check_policy(summary.get("resize", LEGACY_SUMMARY_RESIZE), f"{summary.path}: resize")
     except PreprocessError as exc:
         raise PromoteError(str(exc)) from exc
 
@@ -194,9 +197,7 @@ def download_onnx(client: MlflowClient, name: str, alias: str, version: str, dst
     return out
 
 
-def load_images(
-    dataset: Path, n: int, size: tuple[int, int], geometry: str = "stretch"
-) -> list[tuple[str, np.ndarray]]:
+def load_images(dataset: Path, n: int, size: tuple[int, int], resize: str) -> list[tuple[str, np.ndarray]]:
     """Up to ``n`` test images (half good, half defect, sorted) as ``float32[1,3,H,W]`` RGB in [0, 1].
 
     Prepared by :func:`core.preprocess.model_input` with the champion's resize policy: the
@@ -219,7 +220,7 @@ def load_images(
     arrays = []
     for path in picked:
         with Image.open(path) as im:
-            arrays.append((str(path), model_input(im, size, geometry)))
+            arrays.append((str(path), model_input(im, size, resize)))
     return arrays
 
 
@@ -240,7 +241,7 @@ def verify(
     dataset: Path,
     n: int,
     atol: float,
-    geometry: str = "stretch",
+    resize: str,
 ) -> str:
     """Check input spec and outputs, and ``pred_score`` against the evaluated export; return input name."""
     import numpy as np
@@ -264,7 +265,7 @@ def verify(
     ref = _session(reference)
     ref_input = ref.get_inputs()[0].name
     worst = 0.0
-    for path, x in load_images(dataset, n, size, geometry):
+    for path, x in load_images(dataset, n, size, resize):
         got = np.asarray(sess.run([SCORE_OUTPUT], {inp.name: x})[0], dtype=np.float64).ravel()
         want = np.asarray(ref.run([SCORE_OUTPUT], {ref_input: x})[0], dtype=np.float64).ravel()
         if got.shape != want.shape or not np.all(np.isfinite(got)):
@@ -303,7 +304,7 @@ def build_metadata(
         "registered_model": name,
         "registry_version": str(version.version),
         "run_id": summary.run_id,
-        "input": input_block(input_name, size[0], size[1], _geometry(summary)),
+        "input": input_block(input_name, size[0], size[1], _resize(summary)),
         "normalisation": _normalisation(summary),
         "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
         "threshold": _finite_number(summary, "threshold"),
@@ -324,7 +325,7 @@ def validate_model_dir(model_dir: Path) -> None:
 
 
 def promote(
-    params: Mapping[str, Any],
+    params: Params | Mapping[str, Any],
     *,
     out: Path,
     eval_dir: Path,
@@ -335,15 +336,14 @@ def promote(
     champion_file: Path | None = None,
 ) -> dict[str, Any]:
     """The whole stage; returns the metadata written to ``out/metadata.json``."""
+    params = as_params(params)
     name, alias = registry_params(params)
-    models = params.get("models")
-    if not isinstance(models, Mapping) or not models:
-        raise PromoteError("params.yaml: models must be a non-empty mapping")
+    models = params.model_names
     if client is None:
         from registry.mlflow_client import get_client
 
         client = get_client()
-    version, summary = resolve_champion(client, name, alias, eval_dir, list(models))
+    version, summary = resolve_champion(client, name, alias, eval_dir, models)
     check_champion_file(champion_file, version)
     size = _image_size(summary)
     log.info(
@@ -362,7 +362,7 @@ def promote(
         with tempfile.TemporaryDirectory(prefix="promote-download-") as tmp:
             model_file = download_onnx(client, name, alias, str(version.version), Path(tmp))
             reference = eval_dir / summary.model / "onnx" / MODEL_FILE
-            input_name = verify(model_file, reference, size, dataset, n_images, atol, _geometry(summary))
+            input_name = verify(model_file, reference, size, dataset, n_images, atol, _resize(summary))
             shutil.copyfile(model_file, staged / MODEL_FILE)
         metadata = build_metadata(
             model_path=staged / MODEL_FILE,
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
-        out = args.out or os.environ.get(OUT_ENV) or (params.get("serving") or {}).get("model_dir")
+        out = args.out or os.environ.get(OUT_ENV) or (params.serving and params.serving.model_dir)
         if not out:
             raise PromoteError("no output directory: pass --out or set params.yaml serving.model_dir")
         metadata = promote(

@@ -60,10 +60,11 @@ def letterboxed(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _train(policy: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if policy in _CACHE:
         return _CACHE[policy]
+    from experiments.artifacts import CHECKPOINT_NAME
     from experiments.export import export_onnx
     from experiments.models import build_model
     from experiments.prepare import prepare
-    from experiments.train import CHECKPOINT_NAME, train
+    from experiments.train import train
     from tools.tiny_model import elpv_samples
 
     tmp = tmp_path_factory.mktemp(f"parity-{policy}")
