@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 
 from config.params import Params, as_params, load_params
-from config.paths import REPO_ROOT
+from config.paths import PARAMS_FILE, REPO_ROOT
 from core.scoring import create_session
-from experiments.artifacts import CHECKPOINT_NAME, TRAIN_RECORD
+from experiments.artifacts import CHECKPOINT_NAME, DATASET_DIR, EVAL_DIR, MODELS_DIR, TRAIN_RECORD
 from experiments.backbones import BackboneError
 from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, run_ort
@@ -475,10 +475,10 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
-    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
-    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / "build" / "dataset")
-    parser.add_argument("--models", type=Path, default=REPO_ROOT / "build" / "models")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "eval")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / DATASET_DIR)
+    parser.add_argument("--models", type=Path, default=REPO_ROOT / MODELS_DIR, help="holds <model>/")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / EVAL_DIR, help="gets <model>/")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging (tests, quick checks)")
     args = parser.parse_args(argv)
     params = load_params(args.params)

@@ -35,13 +35,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config.params import Params, as_params
+from config.paths import PARAMS_FILE, REPO_ROOT
 from core.contract import SCHEMA_VERSION, input_block, load_metadata
 from core.files import sha256_file, swap_directory
 from core.preprocess import PreprocessError, check_policy, model_input
+from experiments.artifacts import DATASET_DIR, EVAL_DIR, REGISTRY_DIR
 from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
 from experiments.runtime import stage_main
 from registry.rule import SelectionError
-from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
+from registry.select import (
+    CHAMPION_FILE,
+    EvalSummary,
+    RegistryError,
+    _read_json,
+    alias_version,
+    registry_params,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -410,13 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from config.params import ParamsError, load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument(
         "--out", type=Path, default=None, help="default: $REGISTRY_PROMOTE_OUT or serving.model_dir"
     )
-    parser.add_argument("--eval-dir", type=Path, default=Path("build/eval"))
-    parser.add_argument("--dataset", type=Path, default=Path("build/dataset"))
-    parser.add_argument("--champion", type=Path, default=Path("build/registry/champion.json"))
+    parser.add_argument("--eval-dir", type=Path, default=REPO_ROOT / EVAL_DIR)
+    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / DATASET_DIR)
+    parser.add_argument("--champion", type=Path, default=REPO_ROOT / REGISTRY_DIR / CHAMPION_FILE)
     parser.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES)
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     args = parser.parse_args(argv)
