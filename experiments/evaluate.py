@@ -46,12 +46,13 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from config.params import Params, as_params, load_params
+from config.params import DataSection, Params, as_params, load_params
 from config.paths import PARAMS_FILE, REPO_ROOT
 from core.scoring import create_session
 from experiments.artifacts import CHECKPOINT_NAME, DATASET_DIR, EVAL_DIR, MODELS_DIR, TRAIN_RECORD
@@ -68,6 +69,38 @@ LOGGED_PARAM_SECTIONS = ("seed", "data", "backbone", "train", "evaluate")
 
 class OnnxMismatchError(RuntimeError):
     """The exported ONNX model does not reproduce the torch model's scores."""
+
+
+Sample = tuple[Path, int, "Path | None"]  # (image, label 0/1, mask or None)
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """The held-out test split as evaluate scores it."""
+
+    datamodule: Any
+    samples: list[Sample]  # sorted by path
+    synthetic: bool  # anomalib's synthetic anomalies (data/ has no defect image yet)
+    masks: bool  # pixel metrics are computed
+
+
+@dataclass(frozen=True)
+class ScoringPass:
+    """One pass over the test set through torch and ONNX Runtime (:func:`compare_and_score`).
+
+    ``scores`` are ONNX Runtime's (what is deployed); ``torch_scores``/``torch_labels`` are the
+    post-processed torch ``pred_score``/``pred_label`` for :func:`image_metrics`.
+    """
+
+    labels: list[int]
+    scores: list[float]
+    torch_scores: Any
+    torch_labels: Any
+    onnx_max_abs_diff: float
+    onnx_map_max_abs_diff: float
+    score_resolution: float
+    session: Any
+    example_input: np.ndarray
 
 
 def load_serving_input(path: Path, size: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +162,7 @@ def image_metrics(model: Any, labels: list[int], scores: Any, pred_labels: Any) 
     return out
 
 
-def _test_samples(datamodule: Any) -> list[tuple[Path, int, Path | None]]:
+def _test_samples(datamodule: Any) -> list[Sample]:
     """(image path, label, mask path or None) of the datamodule's test split, sorted by path."""
     frame = datamodule.test_data.samples
     masks = frame.mask_path if "mask_path" in frame else [None] * len(frame)
@@ -183,11 +216,8 @@ def compare_and_score(
     model_name: str,
     pixel_metrics: StreamingPixelMetrics | None,
     resize: str,
-) -> dict[str, Any]:
+) -> ScoringPass:
     """Score every test image with torch and ONNX Runtime; return scores and the largest gaps.
-
-    Returns the labels, the ONNX scores, the torch ``pred_score``/``pred_label`` (for
-    :func:`image_metrics`), the largest score and map gaps, the ONNX session and the first input.
 
     With ``pixel_metrics``, each image's raw (pre-normalisation) anomaly map and its mask are added
     to it: raw maps, because the normalised ones are clipped to [0, 1] and ties there would bias
@@ -231,17 +261,17 @@ def compare_and_score(
                 kind = "defect" if label else "good"
                 save_heatmap(heatmap_dir / f"{kind}_{path.stem}.png", grey, ort_map, title)
     assert first_input is not None
-    return {
-        "labels": [label for _, label, _ in samples],
-        "scores": ort_scores,
-        "torch_scores": torch.cat(torch_scores),
-        "torch_labels": torch.cat(torch_labels),
-        "onnx_max_abs_diff": score_diff,
-        "onnx_map_max_abs_diff": map_diff,
-        "score_resolution": score_resolution(model.post_processor, raw_peak),
-        "session": session,
-        "example_input": first_input,
-    }
+    return ScoringPass(
+        labels=[label for _, label, _ in samples],
+        scores=ort_scores,
+        torch_scores=torch.cat(torch_scores),
+        torch_labels=torch.cat(torch_labels),
+        onnx_max_abs_diff=score_diff,
+        onnx_map_max_abs_diff=map_diff,
+        score_resolution=score_resolution(model.post_processor, raw_peak),
+        session=session,
+        example_input=first_input,
+    )
 
 
 def score_resolution(post: Any, raw_peak: float) -> float:
@@ -334,6 +364,115 @@ def log_to_mlflow(
         return run.info.run_id, info.model_uri, tags
 
 
+def checkpoint_path(model_name: str, models_dir: Path) -> Path:
+    """``<models_dir>/<model>/model.ckpt``, or the one-line fix when train has not run."""
+    ckpt = models_dir / model_name / CHECKPOINT_NAME
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt} not found; run the train stage first (dvc repro train@{model_name})")
+    return ckpt
+
+
+def load_test_set(params: Params, dataset: Path) -> TestSet:
+    """The datamodule's held-out test split (for synthetic data, set-up paints the anomalies)."""
+    datamodule = build_datamodule(params, dataset)
+    datamodule.setup()  # the splits; for synthetic data this writes the anomalous images and masks
+    samples = _test_samples(datamodule)
+    missing = [p for s in samples for p in (s[0], s[2]) if p is not None and not p.is_file()]
+    if missing:
+        raise DatasetLayoutError(f"{len(missing)} test image/mask file(s) missing, e.g. {missing[0]}")
+    return TestSet(datamodule, samples, is_synthetic(dataset), has_masks(dataset))
+
+
+def read_train_record(model_name: str, models_dir: Path) -> dict[str, Any]:
+    """train.json of the model (fit time, memory, device, threshold record); empty if absent."""
+    path = models_dir / model_name / TRAIN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect_metrics(
+    image: dict[str, float],
+    scored: ScoringPass,
+    test: TestSet,
+    latency: tuple[float, float],
+    onnx_path: Path,
+    test_time: float,
+    train_record: dict[str, Any],
+) -> dict[str, float]:
+    """metrics.json: anomalib's (and pixel) metrics, the ONNX check, costs and resource peaks."""
+    from sklearn.metrics import roc_auc_score
+
+    ort_ms, torch_ms = latency
+    return {
+        **{k: round(v, 6) for k, v in sorted(image.items())},
+        # 1: scored on anomalib's synthetic anomalies (data/ has no defect images), not real defects
+        "test_synthetic": 1.0 if test.synthetic else 0.0,
+        "onnx_image_AUROC": round(float(roc_auc_score(scored.labels, scored.scores)), 6),
+        "latency_ms": round(ort_ms, 3),
+        "torch_latency_ms": round(torch_ms, 3),
+        "model_size_mb": round(file_size_mb(onnx_path), 3),
+        "onnx_max_abs_diff": float(f"{scored.onnx_max_abs_diff:.3g}"),
+        "onnx_map_max_abs_diff": float(f"{scored.onnx_map_max_abs_diff:.3g}"),
+        "test_time_s": round(test_time, 3),
+        "train_time_s": float(train_record.get("train_time_s", float("nan"))),
+        "train_peak_rss_mb": float(train_record.get("peak_rss_mb", float("nan"))),
+        "eval_peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def check_onnx_parity(model_name: str, measured: float, scored: ScoringPass, tolerance: float) -> None:
+    """Fail when ONNX Runtime's pred_score is further from torch's than ``evaluate.onnx_tolerance``,
+    widened only where float32 itself cannot resolve the normalised score."""
+    allowed = tolerance + ULPS_ALLOWED * scored.score_resolution
+    if measured > allowed:
+        raise OnnxMismatchError(
+            f"{model_name}: ONNX Runtime pred_score differs from torch by {measured:.3g} "
+            f"(> {allowed:.3g}: evaluate.onnx_tolerance = {tolerance} plus {ULPS_ALLOWED} "
+            "float32 steps of the raw score); not logging this model"
+        )
+
+
+def build_summary(
+    model_name: str,
+    model: Any,
+    metrics: dict[str, float],
+    onnx_path: Path,
+    scored: ScoringPass,
+    test: TestSet,
+    data: DataSection,
+    dataset: Path,
+    train_record: dict[str, Any],
+) -> dict[str, Any]:
+    """summary.json (contract §3) before MLflow logging fills in ``run_id``/``model_uri``."""
+    from experiments import tracking
+
+    post = model.post_processor
+    return {
+        "model": model_name,
+        "run_id": None,
+        "model_uri": None,
+        "metrics": metrics,
+        "onnx_path": str(
+            onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
+        ),
+        "image_size": data.image_size,
+        "resize": data.resize,
+        "input_normalization": input_normalization(model),  # inside the ONNX graph; promote records it
+        "onnx_score_resolution": scored.score_resolution,  # see score_resolution()
+        "threshold": float(post.normalized_image_threshold),
+        "raw_threshold": float(post.image_threshold),
+        "input_name": scored.session.get_inputs()[0].name,
+        "outputs": [o.name for o in scored.session.get_outputs()],
+        "n_test_images": len(test.samples),
+        "test_set": "synthetic" if test.synthetic else "real",
+        # threshold policy as applied in train (method, why, counts), and which images set it / were scored
+        "threshold_policy": train_record.get("threshold"),
+        "splits": split_record(test.datamodule, dataset),
+        "device": train_record.get("device", "unknown"),
+        "data_version": tracking.data_version(),
+        "git_commit": tracking.git_commit(),
+    }
+
+
 def evaluate(
     model_name: str,
     params: Params | Mapping[str, Any],
@@ -344,13 +483,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the whole evaluation for one model; return ``summary.json``'s content."""
     params = as_params(params)
-    settings = params.evaluate
+    settings, data = params.evaluate, params.need("data")
     model_params(model_name, params)
-    ckpt = models_dir / model_name / CHECKPOINT_NAME
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt} not found; run the train stage first (dvc repro train@{model_name})")
-    size, resize = params.need("data").image_size, params.need("data").resize
-
+    ckpt = checkpoint_path(model_name, models_dir)
     seed_everything(params.need("seed"))
     quiet_third_party_warnings()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -358,114 +493,48 @@ def evaluate(
     (out_dir / "heatmaps").mkdir(parents=True)
 
     model = load_trained_model(model_name, params, ckpt)
-    datamodule = build_datamodule(params, dataset)
-    datamodule.setup()  # the splits; for synthetic data this writes the anomalous images and masks
-    synthetic = is_synthetic(dataset)
-    samples = _test_samples(datamodule)
-    missing = [p for s in samples for p in (s[0], s[2]) if p is not None and not p.is_file()]
-    if missing:
-        raise DatasetLayoutError(f"{len(missing)} test image/mask file(s) missing, e.g. {missing[0]}")
-
-    onnx_path = export_onnx(model, out_dir / "onnx", size)
+    test = load_test_set(params, dataset)
+    onnx_path = export_onnx(model, out_dir / "onnx", data.image_size)
     post = model.post_processor
     pixel_metrics = (
-        StreamingPixelMetrics(float(post.pixel_min), float(post.pixel_max)) if has_masks(dataset) else None
+        StreamingPixelMetrics(float(post.pixel_min), float(post.pixel_max)) if test.masks else None
     )
+    heatmaps, size = out_dir / "heatmaps", data.image_size
     start = time.perf_counter()
     scored = compare_and_score(
         model,
         onnx_path,
-        samples,
+        test.samples,
         size,
-        out_dir / "heatmaps",
+        heatmaps,
         settings.n_heatmaps,
         model_name,
         pixel_metrics,
-        resize,
+        data.resize,
     )
     test_time = time.perf_counter() - start
-    anomalib_metrics = image_metrics(model, scored["labels"], scored["torch_scores"], scored["torch_labels"])
-    curves = roc_pr(scored["labels"], scored["scores"])
+    image = image_metrics(model, scored.labels, scored.torch_scores, scored.torch_labels)
+    curves = roc_pr(scored.labels, scored.scores)
     # Per-image ONNX scores: benchmarks/accuracy.py bootstraps confidence intervals from them.
-    write_scores(out_dir / "scores.csv", samples, scored["scores"], dataset)
+    write_scores(out_dir / "scores.csv", test.samples, scored.scores, dataset)
     write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
     write_curve(out_dir / "plots" / "pr.csv", "recall", curves["recall"], "precision", curves["precision"])
-    ort_ms, torch_ms = measure_latency(
-        model, scored["session"], scored["example_input"], settings.latency_repeats
-    )
+    latency = measure_latency(model, scored.session, scored.example_input, settings.latency_repeats)
 
-    from sklearn.metrics import roc_auc_score
-
-    train_json = models_dir / model_name / TRAIN_RECORD
-    train_record = json.loads(train_json.read_text()) if train_json.is_file() else {}
+    train_record = read_train_record(model_name, models_dir)
     if pixel_metrics is not None:
-        anomalib_metrics |= pixel_metrics.compute()
-    metrics: dict[str, float] = {
-        **{k: round(v, 6) for k, v in sorted(anomalib_metrics.items())},
-        # 1: scored on anomalib's synthetic anomalies (data/ has no defect images), not real defects
-        "test_synthetic": 1.0 if synthetic else 0.0,
-        "onnx_image_AUROC": round(float(roc_auc_score(scored["labels"], scored["scores"])), 6),
-        "latency_ms": round(ort_ms, 3),
-        "torch_latency_ms": round(torch_ms, 3),
-        "model_size_mb": round(file_size_mb(onnx_path), 3),
-        "onnx_max_abs_diff": float(f"{scored['onnx_max_abs_diff']:.3g}"),
-        "onnx_map_max_abs_diff": float(f"{scored['onnx_map_max_abs_diff']:.3g}"),
-        "test_time_s": round(test_time, 3),
-        "train_time_s": float(train_record.get("train_time_s", float("nan"))),
-        "train_peak_rss_mb": float(train_record.get("peak_rss_mb", float("nan"))),
-        "eval_peak_rss_mb": round(peak_rss_mb(), 1),
-    }
+        image |= pixel_metrics.compute()
+    metrics = collect_metrics(image, scored, test, latency, onnx_path, test_time, train_record)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    check_onnx_parity(model_name, metrics["onnx_max_abs_diff"], scored, settings.onnx_tolerance)
 
-    # the tolerance, widened only where float32 itself cannot resolve the normalised score
-    allowed = settings.onnx_tolerance + ULPS_ALLOWED * scored["score_resolution"]
-    if metrics["onnx_max_abs_diff"] > allowed:
-        raise OnnxMismatchError(
-            f"{model_name}: ONNX Runtime pred_score differs from torch by {metrics['onnx_max_abs_diff']:.3g} "
-            f"(> {allowed:.3g}: evaluate.onnx_tolerance = {settings['onnx_tolerance']} plus {ULPS_ALLOWED} "
-            "float32 steps of the raw score); not logging this model"
-        )
-
-    summary: dict[str, Any] = {
-        "model": model_name,
-        "run_id": None,
-        "model_uri": None,
-        "metrics": metrics,
-        "onnx_path": str(
-            onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
-        ),
-        "image_size": size,
-        "resize": resize,
-        "input_normalization": input_normalization(model),  # inside the ONNX graph; promote records it
-        "onnx_score_resolution": scored["score_resolution"],  # see score_resolution()
-        "threshold": float(post.normalized_image_threshold),
-        "raw_threshold": float(post.image_threshold),
-        "input_name": scored["session"].get_inputs()[0].name,
-        "outputs": [o.name for o in scored["session"].get_outputs()],
-        "n_test_images": len(samples),
-        "test_set": "synthetic" if synthetic else "real",
-        # threshold policy as applied in train (method, why, counts), and which images set it / were scored
-        "threshold_policy": train_record.get("threshold"),
-        "splits": split_record(datamodule, dataset),
-        "device": train_record.get("device", "unknown"),
-    }
-    from experiments import tracking
-
-    summary["data_version"] = tracking.data_version()
-    summary["git_commit"] = tracking.git_commit()
+    summary = build_summary(model_name, model, metrics, onnx_path, scored, test, data, dataset, train_record)
     if use_mlflow:
-        example_output = run_ort(scored["session"], scored["example_input"])
+        example_output = run_ort(scored.session, scored.example_input)
         run_id, model_uri, tags = log_to_mlflow(
-            model_name,
-            params,
-            metrics,
-            out_dir,
-            onnx_path,
-            scored["example_input"],
-            example_output,
-            curves,
+            model_name, params, metrics, out_dir, onnx_path, scored.example_input, example_output, curves,
             train_record,
-        )
+        )  # fmt: skip
         summary |= {"run_id": run_id, "model_uri": model_uri, "pipeline_id": tags["pipeline_id"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
