@@ -38,7 +38,7 @@ from config.params import Params, as_params
 from config.paths import PARAMS_FILE, REPO_ROOT
 from core.contract import SCHEMA_VERSION, input_block, load_metadata
 from core.files import sha256_file, swap_directory
-from core.preprocess import PreprocessError, check_policy, model_input
+from core.preprocess import PreprocessError, check_resize, model_input
 from experiments.artifacts import DATASET_DIR, EVAL_DIR, REGISTRY_DIR
 from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
 from experiments.runtime import stage_main
@@ -96,7 +96,7 @@ LEGACY_SUMMARY_RESIZE = "stretch"
 def _resize(summary: EvalSummary) -> str:
     """The resize policy the champion was trained and evaluated with (``summary.json: resize``)."""
     try:
-        return check_policy(summary.get("resize", LEGACY_SUMMARY_RESIZE), f"{summary.path}: resize")
+        return check_resize(summary.get("resize", LEGACY_SUMMARY_RESIZE), f"{summary.path}: resize")
     except PreprocessError as exc:
         raise PromoteError(str(exc)) from exc
 
