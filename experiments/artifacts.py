@@ -4,7 +4,7 @@ Why a module of its own: evaluate used to import ``CHECKPOINT_NAME`` from the tr
 (so every edit of train.py reran evaluate), and each stage script spelled its default paths its own
 way. The stage scripts take these as their argparse defaults and ``tools.dvc_yaml`` writes them
 into dvc.yaml's ``cmd``/``deps``/``outs``, so a path is written here once. Paths are relative to
-the repository root (DVC runs every stage from there).
+the working directory, like every path a stage is given (DVC runs every stage from the repo root).
 """
 
 from __future__ import annotations

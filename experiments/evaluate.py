@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from config.params import DataSection, Params, as_params, load_params
-from config.paths import PARAMS_FILE, REPO_ROOT
+from config.paths import REPO_ROOT
 from core.scoring import create_session
 from experiments.artifacts import CHECKPOINT_NAME, DATASET_DIR, EVAL_DIR, MODELS_DIR, TRAIN_RECORD
 from experiments.backbones import BackboneError
@@ -544,10 +544,10 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / DATASET_DIR)
-    parser.add_argument("--models", type=Path, default=REPO_ROOT / MODELS_DIR, help="holds <model>/")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / EVAL_DIR, help="gets <model>/")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--dataset", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--models", type=Path, default=Path(MODELS_DIR), help="holds <model>/")
+    parser.add_argument("--out", type=Path, default=Path(EVAL_DIR), help="gets <model>/")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging (tests, quick checks)")
     args = parser.parse_args(argv)
     params = load_params(args.params)

@@ -38,7 +38,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from config.params import load_params
-from config.paths import PARAMS_FILE, REPO_ROOT
 from core.files import atomic_directory
 from core.preprocess import PreprocessError, fit_image, fit_mask
 from experiments.artifacts import DATASET_DIR, PREPARE_REPORT
@@ -194,9 +193,9 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
 @stage_main("prepare", DataValidationError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / DATASET_DIR)
-    parser.add_argument("--report", type=Path, default=REPO_ROOT / PREPARE_REPORT)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--report", type=Path, default=Path(PREPARE_REPORT))
     args = parser.parse_args(argv)
     report = prepare(args.params, args.out, args.report)
     selected = ", ".join(f"{k} {v}" for k, v in report["selected"].items())

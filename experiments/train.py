@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from config.params import Params, as_params, load_params
-from config.paths import PARAMS_FILE, REPO_ROOT
+from config.paths import REPO_ROOT
 from experiments.artifacts import CHECKPOINT_NAME, DATASET_DIR, ENGINE_DIR, MODELS_DIR, TRAIN_RECORD
 from experiments.backbones import BackboneError
 from experiments.datamodule import DatasetLayoutError, build_datamodule, split_record
@@ -138,9 +138,9 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / DATASET_DIR)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / MODELS_DIR, help="gets <model>/")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--dataset", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--out", type=Path, default=Path(MODELS_DIR), help="gets <model>/")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     model_params(args.model, params)  # fail on bad params before importing torch

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config.params import Params, as_params
-from config.paths import PARAMS_FILE, REPO_ROOT
 from core.contract import SCHEMA_VERSION, input_block, load_metadata
 from core.files import sha256_file, swap_directory
 from core.preprocess import PreprocessError, check_resize, model_input
@@ -419,13 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from config.params import ParamsError, load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument(
         "--out", type=Path, default=None, help="default: $REGISTRY_PROMOTE_OUT or serving.model_dir"
     )
-    parser.add_argument("--eval-dir", type=Path, default=REPO_ROOT / EVAL_DIR)
-    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / DATASET_DIR)
-    parser.add_argument("--champion", type=Path, default=REPO_ROOT / REGISTRY_DIR / CHAMPION_FILE)
+    parser.add_argument("--eval-dir", type=Path, default=Path(EVAL_DIR))
+    parser.add_argument("--dataset", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--champion", type=Path, default=Path(REGISTRY_DIR, CHAMPION_FILE))
     parser.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES)
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     args = parser.parse_args(argv)

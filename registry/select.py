@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config.params import Params, as_params
-from config.paths import PARAMS_FILE, REPO_ROOT
 from experiments.artifacts import EVAL_DIR, REGISTRY_DIR
 from experiments.runtime import stage_main
 from registry.rule import (
@@ -500,9 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from config.params import ParamsError, load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--eval-dir", type=Path, default=REPO_ROOT / EVAL_DIR)
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / REGISTRY_DIR)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--eval-dir", type=Path, default=Path(EVAL_DIR))
+    parser.add_argument("--out-dir", type=Path, default=Path(REGISTRY_DIR))
     parser.add_argument(
         "--no-register", action="store_true", help="only apply the rule and write selection.json"
     )
