@@ -510,12 +510,3 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file: the typed :class:`Params`, or one-line :class:`ParamsError`."""
     return as_params(read_yaml(path))
-
-
-__all__ = [
-    "Params",
-    "ParamsError",
-    "as_params",
-    "load_params",
-    "param_error",
-]

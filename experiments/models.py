@@ -19,6 +19,11 @@ anomaly map by the maximum over the *batch*, so with batch 1 (serving) every ima
 FastFlow, Reverse Distillation and U-Flow were left out: anomalib hard-codes their backbones to
 ResNet/CaiT variants whose ImageNet weights cannot be had offline here.
 
+One table, :data:`MODELS`: each row is a model's params section (a typed class), its anomalib
+class and the checks its params need against the backbone. It drives the validation of
+``models.<name>``, :func:`build_model`, and the per-model parts of dvc.yaml (``tools.dvc_yaml``),
+so a new model is one row plus its section in params.yaml.
+
 Parameters are validated here, before anything heavy is imported, because anomalib's own checks
 are either late (after the backbone is built) or silent: an unknown layer name is dropped with a
 warning and training carries on with fewer layers. A typo in ``params.yaml`` must fail loudly.

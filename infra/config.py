@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from config.params import (
     LOG_RETENTION_DAYS,
@@ -26,6 +27,7 @@ from config.params import (
     DeployKnobs,
     DeploySection,
     ParamsError,
+    format_error,
     load_params,
 )
 from config.paths import PARAMS_FILE, REPO_ROOT
@@ -97,10 +99,10 @@ class _StageIdentity:
             raise ConfigError(f"image_tag {self.image_tag!r} is not a valid Docker tag")
         if self.image_digest and not DIGEST_RE.match(self.image_digest):
             raise ConfigError(f"image_digest {self.image_digest!r}: expected sha256:<64 hex digits>")
-        try:
+        try:  # a dataclasses.replace() may have set a bad knob
             DeployKnobs.model_validate({k: getattr(self, k) for k in KNOBS})
-        except Exception as exc:  # a dataclasses.replace() with a bad knob
-            raise ConfigError(f"{self.stage}: {' '.join(str(exc).split())}") from None
+        except ValidationError as exc:
+            raise ConfigError(format_error(exc, origin=f"stage {self.stage}")) from None
         return self  # type: ignore[return-value]
 
 
