@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from config.paths import REPO_ROOT
+from config.params import ParamsError, as_params, load_params, read_yaml
+from config.paths import PARAMS_FILE, REPO_ROOT
 
 DEFAULT_WORK = REPO_ROOT / "build" / "bench-accuracy"
 DATASETS = ("elpv", "cookies")
@@ -145,7 +146,7 @@ def bootstrap_pixel_auroc_ci(
 
 
 def pixel_histograms(
-    eval_dir: Path, dataset: Path, rows: Sequence[tuple[str, int]], size: int, bins: int = 1000
+    eval_dir: Path, dataset: Path, rows: Sequence[tuple[str, int]], size: int, resize: str, bins: int = 1000
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per scored image, histograms of the exported ONNX model's anomaly map over defect and normal pixels.
 
@@ -165,7 +166,7 @@ def pixel_histograms(
     neg = np.zeros((len(rows), bins))
     for index, (rel, label) in enumerate(rows):
         image = dataset / rel
-        x, _ = load_serving_input(image, size)
+        x, _ = load_serving_input(image, size, resize)
         amap = np.asarray(run_ort(session, x)["anomaly_map"], dtype=np.float64).reshape(x.shape[-2:])
         binned = np.clip((amap * bins).astype(int), 0, bins - 1).reshape(-1)
         defect = np.zeros(amap.shape, dtype=bool)
@@ -215,7 +216,7 @@ def bench_params(
 ) -> dict[str, Any]:
     """params.yaml with data.root -> ``data_root``, every image taken, only ``models``, then the data
     set's ``settings`` (keys under ``models.<m>`` only for models in the run), then ``--set`` overrides."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params = read_yaml(PARAMS_FILE)  # a raw mapping: this writes a params file for the stages
     params["data"]["root"] = str(data_root)
     for key in ("max_train", "max_test_good", "max_test_defect"):
         params["data"][key] = ALL_IMAGES
@@ -233,6 +234,10 @@ def bench_params(
         if not sep:
             raise SystemExit(f"accuracy: --set {item!r} must be key=value")
         _set_key(params, key, yaml.safe_load(value))
+    try:  # a bad override fails here, in params.yaml's own words, not in the middle of a run
+        as_params(params)
+    except ParamsError as exc:
+        raise SystemExit(f"accuracy: {exc}") from None
     return params
 
 
@@ -410,9 +415,9 @@ def collect_row(
         row |= {"onnx_image_AUROC": auroc, "image_AUROC_ci": [low, high]}
         dataset = work / ("dataset" if split == "test" else "dataset-val")
         if (dataset / "ground_truth").is_dir() and row["pixel_AUROC"] is not None:
-            params = yaml.safe_load((work / "params.yaml").read_text(encoding="utf-8"))
+            data = load_params(work / "params.yaml").need("data")
             rels = [(line.rsplit(",", 2)[0], label) for line, label in zip(lines, labels, strict=True)]
-            pos, neg = pixel_histograms(eval_dir, dataset, rels, int(params["data"]["image_size"]))
+            pos, neg = pixel_histograms(eval_dir, dataset, rels, data.image_size, data.resize)
             p_auroc, p_low, p_high = bootstrap_pixel_auroc_ci(
                 pos, neg, labels, resamples=resamples, seed=seed
             )
@@ -425,9 +430,7 @@ def champions(rows: Sequence[dict[str, Any]], work: Path, split: str = "test") -
     would promote from these runs, with the rule's reason: the issue's targets are for the champion."""
     from registry.rule import Candidate, SelectionError, SelectionRule, select
 
-    rule = SelectionRule.from_params(
-        yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))["selection"]
-    )
+    rule = SelectionRule.from_params(load_params(PARAMS_FILE).need("selection"))
     lines = []
     for name in dict.fromkeys(r["dataset"].removesuffix("(val)") for r in rows):
         folder = work / name / eval_folder(split)
@@ -480,7 +483,7 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    all_models = list(yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))["models"])
+    all_models = load_params(PARAMS_FILE).model_names
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument(

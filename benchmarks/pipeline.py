@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from config.params import load_params
 from config.paths import REPO_ROOT
 
 COLUMNS = (
@@ -49,8 +48,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def model_names(root: Path = REPO_ROOT) -> list[str]:
     """Models in params.yaml order (the order DVC runs them)."""
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    return list(params.get("models") or {})
+    return load_params(root / "params.yaml").model_names
 
 
 def collect(root: Path = REPO_ROOT) -> list[dict[str, Any]]:

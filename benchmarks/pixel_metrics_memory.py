@@ -31,7 +31,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from config.paths import REPO_ROOT
+from config.params import read_yaml
+from config.paths import PARAMS_FILE, REPO_ROOT
 
 SIZE = 256
 TARGET_MB = 3000  # issue #6: evaluate's peak RSS for 1,000 masked test images at 256 px
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(args.work, ignore_errors=True)
     regions = synthesise(args.work / "data", args.n_train, args.n_good, args.n_defect)
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = read_yaml(PARAMS_FILE)  # raw: this writes a params file for the stages
     params["data"] |= {
         "root": str(args.work / "data"),
         "image_size": SIZE,

@@ -51,13 +51,13 @@ from registry.quantize import (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def _inputs(dataset: Path, size: tuple[int, int], geometry: str, limit: int) -> list[np.ndarray]:
+def _inputs(dataset: Path, size: tuple[int, int], resize: str, limit: int) -> list[np.ndarray]:
     """Validation then test images, prepared as serving prepares them (at most ``limit``)."""
     paths = [s.path for s in validation_samples(dataset)]
     test = dataset / "test"
     if test.is_dir():
         paths += sorted(p for p in test.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [load_input(p, size, geometry) for p in paths[:limit]]
+    return [load_input(p, size, resize) for p in paths[:limit]]
 
 
 def _test_samples(dataset: Path) -> list[Sample]:
@@ -120,26 +120,26 @@ def benchmark_model(
     summary = json.loads((eval_dir / model / "summary.json").read_text())
     size = summary["image_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    geometry = summary.get("resize", "stretch")
+    resize = summary.get("resize", "stretch")
     fp32 = eval_dir / model / "onnx" / "model.onnx"
     int8 = work / f"{model}.int8.onnx"
     start = time.perf_counter()
     gate = quantize_and_gate(
-        fp32, int8, dataset, size, geometry, settings, float(summary.get("threshold", 0.5))
+        fp32, int8, dataset, size, resize, settings, float(summary.get("threshold", 0.5))
     )
     gate_s = time.perf_counter() - start
     if not int8.is_file():  # refused: time it anyway (re-made) so the cost of the refusal is visible
         from registry.quantize import quantize_model
 
         normals = [s for s in validation_samples(dataset) if s.label == 0][: settings.calibration_images]
-        quantize_model(fp32, int8, [load_input(s.path, size, geometry) for s in normals])
+        quantize_model(fp32, int8, [load_input(s.path, size, resize) for s in normals])
     variants = {"fp32": fp32, "fp32+sep": _separable_copy(fp32, work / f"{model}.sep.onnx"), "int8": int8}
     # Image AUROC of every variant on validation (the gate's split) and on the held-out test split.
     auroc = {}
     for split, samples in (("val", validation_samples(dataset)), ("test", _test_samples(dataset))):
         for name, path in variants.items():
-            auroc[f"{split}_image_AUROC_{name}"] = score_split(path, samples, size, geometry).image_auroc
-    inputs = _inputs(dataset, size, geometry, n_images)
+            auroc[f"{split}_image_AUROC_{name}"] = score_split(path, samples, size, resize).image_auroc
+    inputs = _inputs(dataset, size, resize, n_images)
     timing = {str(t): _time(variants, inputs, t, rounds) for t in threads}
     return {
         "model": model,

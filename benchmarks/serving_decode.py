@@ -54,7 +54,7 @@ def serve(data, ctype):
     result = scorer.score(request.image)
     analysis = analyse(result.anomaly_map, scorer.threshold, request.image.size, request.original_size)
     mask_png(analysis.mask)
-    overlay(request.image, result.anomaly_map, geometry=result.geometry)
+    overlay(request.image, result.anomaly_map, resize=result.resize)
     return request
 
 import io

@@ -17,10 +17,11 @@ import math
 import time
 from pathlib import Path
 
+from config.params import Params, load_params
 from config.paths import REPO_ROOT as REPO
 
 
-def measure(name: str, params: dict, dataset: Path, batches: int) -> dict[str, float]:
+def measure(name: str, params: Params, dataset: Path, batches: int) -> dict[str, float]:
     """Fit ``batches`` training batches (+1 validation batch) and time them."""
     import torch
     from anomalib.engine import Engine
@@ -29,7 +30,7 @@ def measure(name: str, params: dict, dataset: Path, batches: int) -> dict[str, f
     from experiments.models import build_model
     from experiments.runtime import quiet_third_party_warnings, seed_everything
 
-    seed_everything(int(params["seed"]))
+    seed_everything(params.need("seed"))
     quiet_third_party_warnings()
     model = build_model(name, params)
     datamodule = build_datamodule(params, dataset)
@@ -47,7 +48,7 @@ def measure(name: str, params: dict, dataset: Path, batches: int) -> dict[str, f
     engine.fit(model=model, datamodule=datamodule)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     n_train = len(datamodule.train_data)
-    per_epoch = math.ceil(n_train / int(params["train"]["batch_size"]))
+    per_epoch = math.ceil(n_train / params.train.batch_size)
     threads = torch.get_num_threads()
     return {
         "cpu_s_per_batch": cpu / batches,
@@ -59,15 +60,13 @@ def measure(name: str, params: dict, dataset: Path, batches: int) -> dict[str, f
 
 
 def main() -> None:
-    from config.params import load_params
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="keys of params.yaml: models (default: all)")
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--dataset", type=Path, default=REPO / "build" / "dataset")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
-    names = args.models or list(params["models"])
+    names = args.models or params.model_names
     print(f"{'model':<16}{'CPU s/batch':>12}{'wall s/batch':>13}{'batches':>9}{'est. idle epoch s':>19}")
     for name in names:
         row = measure(name, params, args.dataset, args.batches)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import sha256_file
-from core.preprocess import BIT_DEPTH_RULE, DEFAULT_RESIZE, PreprocessError, check_policy
+from core.preprocess import BIT_DEPTH_RULE, DEFAULT_RESIZE, PreprocessError, check_resize
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -56,7 +56,7 @@ class InputSpec:
     height: int
     width: int
     channels: int = 3
-    geometry: str = DEFAULT_RESIZE
+    resize: str = DEFAULT_RESIZE  # metadata.json: input.geometry
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,14 @@ class ModelMetadata:
         return self.model_dir / self.int8.model_file
 
 
-def input_block(name: str, height: int, width: int, geometry: str = DEFAULT_RESIZE) -> dict[str, Any]:
+def input_block(name: str, height: int, width: int, resize: str = DEFAULT_RESIZE) -> dict[str, Any]:
     """The ``input`` section of metadata.json, for whoever writes it (promote, test fixtures)."""
     return {
         "name": name,
         "height": height,
         "width": width,
         **copy.deepcopy(FIXED_INPUT),
-        "geometry": check_policy(geometry, "input.geometry"),
+        "geometry": check_resize(resize, "input.geometry"),
         "bit_depth": BIT_DEPTH_RULE,
     }
 
@@ -203,10 +203,10 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
     name = _require(inp, "name", str, iwhere)
     height, width = _positive_int(inp, "height", iwhere), _positive_int(inp, "width", iwhere)
     if version == 1:  # before geometry was recorded, serving always stretched
-        geometry = "stretch"
+        resize = "stretch"
     else:
         try:
-            geometry = check_policy(_require(inp, "geometry", str, iwhere), f"{iwhere}.geometry")
+            resize = check_resize(_require(inp, "geometry", str, iwhere), f"{iwhere}.geometry")
         except PreprocessError as exc:
             raise ModelMetadataError(
                 f"{exc}; this serving code cannot prepare images for this model"
@@ -216,7 +216,7 @@ def parse_metadata(data: Any, model_dir: Path, *, where: str = METADATA_FILE) ->
             raise ModelMetadataError(
                 f"{iwhere}.bit_depth is {bit_depth!r}; this serving code only applies {BIT_DEPTH_RULE!r}"
             )
-    input_spec = InputSpec(name=name, height=height, width=width, channels=channels, geometry=geometry)
+    input_spec = InputSpec(name=name, height=height, width=width, channels=channels, resize=resize)
 
     outputs = _require(data, "outputs", dict, where)
     threshold = float(_require(data, "threshold", (int, float), where))

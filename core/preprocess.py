@@ -44,6 +44,9 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
+# The resize policy: how an image of any size is fitted to the model's square input. Python calls it
+# ``resize`` everywhere (params.yaml: data.resize, summary.json: resize); metadata.json's versioned
+# contract field is ``input.geometry``. Its values and its one default are defined here.
 ResizePolicy = Literal["letterbox", "stretch", "center_crop"]
 RESIZE_POLICIES: tuple[str, ...] = get_args(ResizePolicy)
 DEFAULT_RESIZE: ResizePolicy = "letterbox"
@@ -62,7 +65,7 @@ class PreprocessError(ValueError):
     """The image (or the requested policy) cannot be turned into model input; the message says why."""
 
 
-def check_policy(value: object, where: str = "resize policy") -> ResizePolicy:
+def check_resize(value: object, where: str = "resize policy") -> ResizePolicy:
     """Return ``value`` as a policy or raise naming the allowed ones (for params and metadata)."""
     if value not in RESIZE_POLICIES:
         raise PreprocessError(f"{where} must be one of {', '.join(RESIZE_POLICIES)}; got {value!r}")
@@ -166,7 +169,7 @@ def _resize_float(array: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def content_box(
-    width: int, height: int, size: int | Sequence[int], policy: str
+    width: int, height: int, size: int | Sequence[int], resize: str
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """Where the image goes: ``(source box in the original, destination box in the target)``.
 
@@ -175,13 +178,13 @@ def content_box(
     centred region with the target's aspect ratio -> whole target. :func:`map_to_original` uses
     the same boxes backwards, so the two can never disagree.
     """
-    policy = check_policy(policy)
+    resize = check_resize(resize)
     out_h, out_w = _size(size)
     if width < 1 or height < 1:
         raise PreprocessError(f"image has no pixels ({width}x{height})")
-    if policy == "stretch":
+    if resize == "stretch":
         return (0, 0, width, height), (0, 0, out_w, out_h)
-    if policy == "letterbox":
+    if resize == "letterbox":
         scale = min(out_w / width, out_h / height)
         new_w = min(out_w, max(1, round(width * scale)))
         new_h = min(out_h, max(1, round(height * scale)))
@@ -195,15 +198,15 @@ def content_box(
     return (left, top, left + crop_w, top + crop_h), (0, 0, out_w, out_h)
 
 
-def fit_image(image: Image.Image | np.ndarray, size: int | Sequence[int], policy: str) -> np.ndarray:
-    """THE pre-processing: bit-depth rule, then ``policy`` to ``size``; uint8 ``HxWx3`` RGB.
+def fit_image(image: Image.Image | np.ndarray, size: int | Sequence[int], resize: str) -> np.ndarray:
+    """THE pre-processing: bit-depth rule, then the resize policy ``resize`` to ``size``; uint8 ``HxWx3`` RGB.
 
     ``prepare`` saves this array as the training PNG and serving feeds ``array / 255``, so both
     sides see the same 8-bit values.
     """
     out_h, out_w = _size(size)
     rgb = to_float_rgb(image)
-    (sl, st, sr, sb), (dl, dt, dr, db) = content_box(rgb.shape[1], rgb.shape[0], (out_h, out_w), policy)
+    (sl, st, sr, sb), (dl, dt, dr, db) = content_box(rgb.shape[1], rgb.shape[0], (out_h, out_w), resize)
     resized = _resize_float(rgb[st:sb, sl:sr], dr - dl, db - dt)
     canvas = np.full((out_h, out_w, 3), PAD_VALUE, dtype=np.float32)
     canvas[dt:db, dl:dr] = resized
@@ -218,12 +221,12 @@ def to_model_input(rgb8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis])
 
 
-def model_input(image: Image.Image | np.ndarray, size: int | Sequence[int], policy: str) -> np.ndarray:
+def model_input(image: Image.Image | np.ndarray, size: int | Sequence[int], resize: str) -> np.ndarray:
     """``to_model_input(fit_image(...))``: what serving, evaluate and promote feed the graph."""
-    return to_model_input(fit_image(image, size, policy))
+    return to_model_input(fit_image(image, size, resize))
 
 
-def fit_mask(mask: Image.Image | np.ndarray, size: int | Sequence[int], policy: str) -> np.ndarray:
+def fit_mask(mask: Image.Image | np.ndarray, size: int | Sequence[int], resize: str) -> np.ndarray:
     """A ground-truth mask with the image's geometry: nearest-neighbour, uint8 {0, 255} ``HxW``.
 
     Letterbox padding is 0 (not defective): it was never part of the part.
@@ -233,14 +236,14 @@ def fit_mask(mask: Image.Image | np.ndarray, size: int | Sequence[int], policy: 
     if array.ndim == 3:
         array = array.max(axis=2)
     binary = Image.fromarray(np.where(array > 0, 255, 0).astype(np.uint8), mode="L")
-    (sl, st, sr, sb), (dl, dt, dr, db) = content_box(binary.width, binary.height, (out_h, out_w), policy)
+    (sl, st, sr, sb), (dl, dt, dr, db) = content_box(binary.width, binary.height, (out_h, out_w), resize)
     resized = binary.crop((sl, st, sr, sb)).resize((dr - dl, db - dt), Image.Resampling.NEAREST)
     canvas = np.zeros((out_h, out_w), dtype=np.uint8)
     canvas[dt:db, dl:dr] = np.asarray(resized)
     return canvas
 
 
-def map_to_original(anomaly_map: np.ndarray, width: int, height: int, policy: str) -> np.ndarray:
+def map_to_original(anomaly_map: np.ndarray, width: int, height: int, resize: str) -> np.ndarray:
     """An anomaly map at model size back onto the original ``width x height`` image (float32 ``HxW``).
 
     Letterbox padding is dropped; with ``center_crop`` the cut-off borders get 0 (not scored).
@@ -248,7 +251,7 @@ def map_to_original(anomaly_map: np.ndarray, width: int, height: int, policy: st
     heat = np.asarray(anomaly_map, dtype=np.float32)
     if heat.ndim != 2:
         raise PreprocessError(f"anomaly map must be 2-D, got shape {heat.shape}")
-    (sl, st, sr, sb), (dl, dt, dr, db) = content_box(width, height, heat.shape, policy)
+    (sl, st, sr, sb), (dl, dt, dr, db) = content_box(width, height, heat.shape, resize)
     part = _resize_float(heat[dt:db, dl:dr, None], sr - sl, sb - st)[:, :, 0]
     out = np.zeros((height, width), dtype=np.float32)
     out[st:sb, sl:sr] = part

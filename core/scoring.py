@@ -63,7 +63,7 @@ class ScoreResult:
     anomaly_map: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     # The resize policy the map was made under; pass it to overlay() so the map lands on the image.
-    geometry: str = "stretch"
+    resize: str = "stretch"
 
 
 def configure_runtime_environment() -> None:
@@ -201,11 +201,11 @@ class Scorer:
         or pixel range the rule does not cover.
         """
         spec = self.metadata.input
-        return model_input(image, (spec.height, spec.width), spec.geometry)
+        return model_input(image, (spec.height, spec.width), spec.resize)
 
     def map_to_image(self, anomaly_map: np.ndarray, image: Image.Image) -> np.ndarray:
         """The model-size anomaly map placed back on ``image``'s own pixels (undoes the policy)."""
-        return map_to_original(anomaly_map, image.width, image.height, self.metadata.input.geometry)
+        return map_to_original(anomaly_map, image.width, image.height, self.metadata.input.resize)
 
     def score(self, image: Image.Image | bytes) -> ScoreResult:
         """Score one image (a PIL image or encoded JPEG/PNG bytes)."""
@@ -235,7 +235,7 @@ class Scorer:
                 "inference": (t2 - t1) * 1000.0,
                 "postprocess": (t3 - t2) * 1000.0,
             },
-            geometry=meta.input.geometry,
+            resize=meta.input.resize,
         )
 
 
@@ -269,11 +269,11 @@ def overlay(
     *,
     alpha: float = 0.5,
     image_format: Literal["PNG", "JPEG"] = "PNG",
-    geometry: str = "stretch",
+    resize: str = "stretch",
 ) -> bytes:
     """Blend the coloured anomaly map over the image at the image's own size; return encoded bytes.
 
-    The map is mapped back through the resize policy ``geometry`` (letterbox padding dropped,
+    The map is mapped back through the resize policy ``resize`` (letterbox padding dropped,
     centre-crop borders left unscored) and upsampled bilinearly as floats (no 8-bit banding),
     so operators see the heat map on the picture the camera actually took - drawn with the
     same bit-depth rule the model used, so a 16-bit image is not shown as a white sheet.
@@ -283,7 +283,7 @@ def overlay(
     if heat_map.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D, got shape {heat_map.shape}")
     if heat_map.shape != base.shape[:2]:
-        heat_map = map_to_original(heat_map, base.shape[1], base.shape[0], geometry)
+        heat_map = map_to_original(heat_map, base.shape[1], base.shape[0], resize)
     colours = heat_colormap(heat_map).astype(np.float32)
     blended = (1.0 - alpha) * base + alpha * colours
     out = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config.params import BackboneSection, Params, as_params, param_error
 from config.paths import REPO_ROOT
 from core.files import sha256_file
 
@@ -73,7 +74,6 @@ FEATURE_LAYERS: dict[str, tuple[int, int]] = {
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB = "hub"
-NORMALIZE_POLICIES = ("backbone", "imagenet")  # input statistics: the weights' own (timm), or ImageNet's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # anomalib's default pre-processor
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -89,7 +89,7 @@ class BackboneSpec:
     name: str
     source: str
     weights: Path | None = None
-    normalize: str = "backbone"  # NORMALIZE_POLICIES
+    normalize: str = "backbone"  # config.params.NORMALIZE_CHOICES
 
     def describe(self) -> str:
         """A short label for logs and MLflow (``tf_efficientnet_lite0 (wheel)``)."""
@@ -115,28 +115,16 @@ class BackboneSpec:
         return IMAGENET_MEAN, IMAGENET_STD
 
 
-def resolve_backbone(params: Mapping[str, Any], root: Path = REPO_ROOT) -> BackboneSpec:
-    """Validate ``params.yaml: backbone`` (no torch import); relative weight paths are from ``root``.
+def resolve_backbone(
+    params: Params | Mapping[str, Any] | BackboneSection, root: Path = REPO_ROOT
+) -> BackboneSpec:
+    """Where ``params.yaml: backbone``'s weights come from (no torch import); relative weight paths
+    are from ``root``. Keys and types are the typed section's; this adds what needs the file system.
 
     Raises :class:`BackboneError` with the fix when the weights cannot be had offline.
     """
-    cfg = params.get("backbone")
-    if not isinstance(cfg, Mapping):
-        raise BackboneError("params.yaml: backbone must be a mapping like {name: tf_efficientnet_lite0}")
-    unknown = sorted(set(cfg) - {"name", "weights", "normalize"})
-    if unknown:
-        raise BackboneError(
-            f"params.yaml: backbone has unknown key(s) {unknown}; allowed: name, weights, normalize"
-        )
-    name, weights = cfg.get("name"), cfg.get("weights")
-    if not isinstance(name, str) or not name.strip():
-        raise BackboneError(f"params.yaml: backbone.name must be a timm model name, got {name!r}")
-    normalize = cfg.get("normalize", "backbone")
-    if normalize not in NORMALIZE_POLICIES:
-        raise BackboneError(
-            f"params.yaml: backbone.normalize must be one of {', '.join(NORMALIZE_POLICIES)}, "
-            f"got {normalize!r}"
-        )
+    cfg = params if isinstance(params, BackboneSection) else as_params(params).need("backbone")
+    name, weights, normalize = cfg.name, cfg.weights, cfg.normalize
     if weights is None:
         if name == TIMM_NAME:
             return BackboneSpec(name, "wheel", normalize=normalize)
@@ -147,10 +135,9 @@ def resolve_backbone(params: Mapping[str, Any], root: Path = REPO_ROOT) -> Backb
         )
     if weights == HUB:
         return BackboneSpec(name, HUB, normalize=normalize)
-    if not isinstance(weights, str) or not weights.endswith(WEIGHT_SUFFIXES):
-        raise BackboneError(
-            f"params.yaml: backbone.weights must be '{HUB}' or a path ending in "
-            f"{', '.join(WEIGHT_SUFFIXES)}, got {weights!r}"
+    if not weights.endswith(WEIGHT_SUFFIXES):
+        raise param_error(
+            "backbone.weights", f"'{HUB}' or a path ending in {', '.join(WEIGHT_SUFFIXES)}", weights
         )
     path = Path(weights) if Path(weights).is_absolute() else root / weights
     if not path.is_file():

@@ -1,4 +1,6 @@
-"""Validation of ``data/`` (MVTec AD layout) and of the ``data`` params, as pure, typed functions.
+"""Validation of ``data/`` (MVTec AD layout) and the split plan, as pure, typed functions.
+
+(The ``data`` params are typed once, in :class:`config.params.DataSection`.)
 
 Why a separate module: the ``prepare`` stage, the tests and any later tool (e.g. a data check in CI)
 need the same rules, and every rule must fail with one message that names the offending file or
@@ -29,17 +31,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from config.params import ParamsError
+from config.params import DataSection
 from core.preprocess import SUPPORTED_MODES, PreprocessError, to_float_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 32
-SIZE_MULTIPLE = 32
 GOOD = "good"
 MASK_SUFFIX = "_mask"
 # PIL modes accepted for images: those the shared pre-processing has a rule for.
@@ -50,20 +50,6 @@ _TOP_LEVEL = ("train", "test", "ground_truth")
 
 class DataValidationError(ValueError):
     """``data/`` is unusable; the message names the offending file or folder."""
-
-
-@dataclass(frozen=True)
-class DataParams:
-    """The validated ``seed`` and ``data.*`` params."""
-
-    root: Path
-    image_size: int
-    max_train: int
-    max_test_good: int
-    max_test_defect: int
-    seed: int
-    max_val_good: int = 50
-    val_defect_ratio: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -94,52 +80,6 @@ class DataLayout:
 
     def defect_images(self) -> list[str]:
         return [p for cat in sorted(self.test_defect) for p in self.test_defect[cat]]
-
-
-def _int_param(section: Mapping[str, Any], key: str, label: str, minimum: int) -> int:
-    if key not in section:
-        raise ParamsError(f"params.yaml: missing {label}")
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ParamsError(f"params.yaml: {label} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ParamsError(f"params.yaml: {label} must be >= {minimum}, got {value}")
-    return value
-
-
-def validate_data_params(params: Mapping[str, Any]) -> DataParams:
-    """Check ``seed`` and ``data.*``; counts must be >= 1 (a model needs training images, and
-    AUROC needs both normal and defective test images) and image_size a positive multiple of 32
-    (the backbones downsample by 32). ``max_val_good`` (default 50) and ``val_defect_ratio``
-    (default 0.5, in [0, 1)) shape the validation split (``plan_splits``)."""
-    seed = _int_param(params, "seed", "seed", 0)
-    data = params.get("data")
-    if not isinstance(data, Mapping):
-        raise ParamsError("params.yaml: missing or invalid 'data' section (expected a mapping)")
-    root = data.get("root")
-    if not isinstance(root, str) or not root.strip():
-        raise ParamsError(f"params.yaml: data.root must be a non-empty path, got {root!r}")
-    image_size = _int_param(data, "image_size", "data.image_size", 1)
-    if image_size % SIZE_MULTIPLE:
-        raise ParamsError(
-            f"params.yaml: data.image_size must be a positive multiple of {SIZE_MULTIPLE}, got {image_size}"
-        )
-    return DataParams(
-        root=Path(root),
-        image_size=image_size,
-        max_train=_int_param(data, "max_train", "data.max_train", 1),
-        max_test_good=_int_param(data, "max_test_good", "data.max_test_good", 1),
-        max_test_defect=_int_param(data, "max_test_defect", "data.max_test_defect", 1),
-        seed=seed,
-        max_val_good=_int_param({"max_val_good": 50, **data}, "max_val_good", "data.max_val_good", 1),
-        val_defect_ratio=_ratio_param(data.get("val_defect_ratio", 0.5), "data.val_defect_ratio"),
-    )
-
-
-def _ratio_param(value: Any, label: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ParamsError(f"params.yaml: {label} must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _visible(entries: Iterable[Path]) -> list[Path]:
@@ -333,7 +273,7 @@ class SplitPlan:
         }
 
 
-def plan_splits(layout: DataLayout, p: DataParams) -> SplitPlan:
+def plan_splits(layout: DataLayout, p: DataSection, seed: int) -> SplitPlan:
     """Split deterministically (hash ranking, see ``select_subset``) into train / val / test.
 
     * val normals: ``min(max_val_good, 20 % of train/good)`` held-out train/good images;
@@ -344,33 +284,33 @@ def plan_splits(layout: DataLayout, p: DataParams) -> SplitPlan:
       validation (so that the F1 threshold can be learned) and the rest is scored; with ratio 0 the
       validation split is normal-only and the threshold is a normal quantile.
     """
-    pool = _ranked(layout.train_good, p.seed, "split:")
+    pool = _ranked(layout.train_good, seed, "split:")
     share = max(1, int(len(pool) * HOLDOUT_SHARE))
     n_val = min(p.max_val_good, share)
     val_good, pool = pool[:n_val], pool[n_val:]
     if layout.test_good:
-        test_good = select_subset(layout.test_good, p.max_test_good, p.seed)
+        test_good = select_subset(layout.test_good, p.max_test_good, seed)
     else:
         n_test = min(p.max_test_good, share)
         test_good, pool = pool[:n_test], pool[n_test:]
     train = pool[: p.max_train]
     if not train:
         raise DataValidationError(
-            f"{p.root / 'train' / GOOD}: {len(layout.train_good)} image(s) are too few to hold out "
+            f"{Path(p.root) / 'train' / GOOD}: {len(layout.train_good)} image(s) are too few to hold out "
             "validation "
             f"{'' if layout.test_good else 'and test '}normals and still train (need at least "
             f"{2 if layout.test_good else 3})"
         )
     if not layout.defect_images() and len(test_good) < 2:
-        where = p.root / "test" / GOOD if layout.test_good else p.root / "train" / GOOD
+        where = Path(p.root) / ("test" if layout.test_good else "train") / GOOD
         raise DataValidationError(
             f"{where}: {len(test_good)} normal test image(s); without defect images the test split "
             "paints synthetic anomalies on half of them, so it needs at least 2 (add images or raise "
             "data.max_test_good)"
         )
-    defects = select_subset(layout.defect_images(), p.max_test_defect, p.seed)
+    defects = select_subset(layout.defect_images(), p.max_test_defect, seed)
     n_val_defect = min(round(len(defects) * p.val_defect_ratio), max(len(defects) - 1, 0))
-    val_defect = sorted(_ranked(defects, p.seed, "val:")[:n_val_defect])
+    val_defect = sorted(_ranked(defects, seed, "val:")[:n_val_defect])
     test_defect = sorted(set(defects) - set(val_defect))
     return SplitPlan(sorted(train), sorted(val_good), val_defect, sorted(test_good), test_defect)
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from config.params import Params, as_params
+
 if TYPE_CHECKING:
     from anomalib.data import Folder
 
@@ -104,7 +106,7 @@ def _folder_dataset(root: Path, split: str) -> Any:
     return dataset
 
 
-def build_datamodule(params: Mapping[str, Any], root: Path) -> Folder:
+def build_datamodule(params: Params | Mapping[str, Any], root: Path) -> Folder:
     """The pipeline's datamodule: batch sizes, workers and seed come from ``params``, splits from folders."""
     from anomalib.data import Folder
     from anomalib.data.datasets import FolderDataset
@@ -112,7 +114,8 @@ def build_datamodule(params: Mapping[str, Any], root: Path) -> Folder:
 
     root = Path(root)
     check_layout(root)
-    train = params.get("train") or {}
+    params = as_params(params)
+    train = params.train
 
     class _SplitFolders(Folder):
         """``Folder`` whose validation split is ``val/`` (never the scored ``test/``)."""
@@ -128,13 +131,13 @@ def build_datamodule(params: Mapping[str, Any], root: Path) -> Folder:
         name=DATASET_NAME,
         root=root,
         normal_dir="train/good",
-        train_batch_size=int(train.get("batch_size", 16)),
-        eval_batch_size=int(train.get("batch_size", 16)),
-        num_workers=int(train.get("num_workers", 0)),
+        train_batch_size=train.batch_size,
+        eval_batch_size=train.batch_size,
+        num_workers=train.num_workers,
         val_split_mode="from_dir",  # val_data is set by _setup
         # from_dir keeps test/ as is; synthetic replaces it with anomalies painted on half of test/good
         test_split_mode="synthetic" if is_synthetic(root) else "from_dir",
-        seed=int(params["seed"]),
+        seed=params.need("seed"),
     )
 
 

@@ -45,22 +45,24 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from config.params import ParamsError, load_params
+from config.params import DataSection, Params, as_params, load_params
 from config.paths import REPO_ROOT
 from core.scoring import create_session
+from experiments.artifacts import CHECKPOINT_NAME, DATASET_DIR, EVAL_DIR, MODELS_DIR, TRAIN_RECORD
 from experiments.backbones import BackboneError
 from experiments.datamodule import DatasetLayoutError, build_datamodule, has_masks, is_synthetic, split_record
 from experiments.export import export_onnx, file_size_mb, median_latency_ms, run_ort
 from experiments.metrics import StreamingPixelMetrics
-from experiments.models import build_model, input_normalization, model_params, resize_policy
+from experiments.models import build_model, input_normalization, model_params
 from experiments.plots import curve_figure, roc_pr, save_heatmap, write_curve
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
-from experiments.train import CHECKPOINT_NAME
 
 LOGGED_PARAM_SECTIONS = ("seed", "data", "backbone", "train", "evaluate")
 
@@ -69,38 +71,51 @@ class OnnxMismatchError(RuntimeError):
     """The exported ONNX model does not reproduce the torch model's scores."""
 
 
-def _number(value: object, kind: type | tuple[type, ...], minimum: float, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
-        raise ParamsError(f"params.yaml: evaluate.{key} must be a number >= {minimum}, got {value!r}")
+Sample = tuple[Path, int, "Path | None"]  # (image, label 0/1, mask or None)
 
 
-def evaluate_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validated ``evaluate`` section with defaults filled in."""
-    cfg = dict(params.get("evaluate") or {})
-    settings = {
-        "n_heatmaps": cfg.get("n_heatmaps", 6),
-        "latency_repeats": cfg.get("latency_repeats", 20),
-        "onnx_tolerance": cfg.get("onnx_tolerance", 1e-3),
-    }
-    _number(settings["n_heatmaps"], int, 0, "n_heatmaps")
-    _number(settings["latency_repeats"], int, 1, "latency_repeats")
-    _number(settings["onnx_tolerance"], (int, float), 1e-12, "onnx_tolerance")
-    settings["onnx_tolerance"] = float(settings["onnx_tolerance"])
-    return settings
+@dataclass(frozen=True)
+class TestSet:
+    """The held-out test split as evaluate scores it."""
+
+    datamodule: Any
+    samples: list[Sample]  # sorted by path
+    synthetic: bool  # anomalib's synthetic anomalies (data/ has no defect image yet)
+    masks: bool  # pixel metrics are computed
 
 
-def load_serving_input(path: Path, size: int, policy: str = "letterbox") -> tuple[np.ndarray, np.ndarray]:
-    """Read an image the way serving does; return ``(float32[1,3,S,S] in [0,1], uint8 HxW grey view)``."""
+@dataclass(frozen=True)
+class ScoringPass:
+    """One pass over the test set through torch and ONNX Runtime (:func:`compare_and_score`).
+
+    ``scores`` are ONNX Runtime's (what is deployed); ``torch_scores``/``torch_labels`` are the
+    post-processed torch ``pred_score``/``pred_label`` for :func:`image_metrics`.
+    """
+
+    labels: list[int]
+    scores: list[float]
+    torch_scores: Any
+    torch_labels: Any
+    onnx_max_abs_diff: float
+    onnx_map_max_abs_diff: float
+    score_resolution: float
+    session: Any
+    example_input: np.ndarray
+
+
+def load_serving_input(path: Path, size: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image the way serving does (``resize``: ``data.resize``); return
+    ``(float32[1,3,S,S] in [0,1], uint8 HxW grey view)``."""
     from PIL import Image
 
     from core.preprocess import fit_image, to_model_input
 
     with Image.open(path) as im:
-        rgb8 = fit_image(im, size, policy)
+        rgb8 = fit_image(im, size, resize)
     return to_model_input(rgb8), np.asarray(Image.fromarray(rgb8).convert("L"))
 
 
-def load_trained_model(model_name: str, params: dict[str, Any], ckpt: Path) -> Any:
+def load_trained_model(model_name: str, params: Params, ckpt: Path) -> Any:
     """The module of :func:`build_model` with the trained state of ``ckpt``, on the CPU, in eval mode.
 
     As anomalib's engine restores it for ``trainer.test(ckpt_path=...)``: ``weights_only`` loading
@@ -147,7 +162,7 @@ def image_metrics(model: Any, labels: list[int], scores: Any, pred_labels: Any) 
     return out
 
 
-def _test_samples(datamodule: Any) -> list[tuple[Path, int, Path | None]]:
+def _test_samples(datamodule: Any) -> list[Sample]:
     """(image path, label, mask path or None) of the datamodule's test split, sorted by path."""
     frame = datamodule.test_data.samples
     masks = frame.mask_path if "mask_path" in frame else [None] * len(frame)
@@ -199,13 +214,10 @@ def compare_and_score(
     heatmap_dir: Path,
     n_heatmaps: int,
     model_name: str,
-    pixel_metrics: StreamingPixelMetrics | None = None,
-    policy: str = "letterbox",
-) -> dict[str, Any]:
+    pixel_metrics: StreamingPixelMetrics | None,
+    resize: str,
+) -> ScoringPass:
     """Score every test image with torch and ONNX Runtime; return scores and the largest gaps.
-
-    Returns the labels, the ONNX scores, the torch ``pred_score``/``pred_label`` (for
-    :func:`image_metrics`), the largest score and map gaps, the ONNX session and the first input.
 
     With ``pixel_metrics``, each image's raw (pre-normalisation) anomaly map and its mask are added
     to it: raw maps, because the normalised ones are clipped to [0, 1] and ties there would bias
@@ -223,7 +235,7 @@ def compare_and_score(
     model.eval()
     with torch.inference_mode():
         for index, (path, label, mask_path) in enumerate(samples):
-            x, grey = load_serving_input(path, size, policy)
+            x, grey = load_serving_input(path, size, resize)
             first_input = x if first_input is None else first_input
             raw = model.model(model.pre_processor(torch.from_numpy(x)))  # = model(x) before post-processing
             raw_peak = max(raw_peak, float(raw.pred_score.detach().abs().max()))
@@ -249,17 +261,17 @@ def compare_and_score(
                 kind = "defect" if label else "good"
                 save_heatmap(heatmap_dir / f"{kind}_{path.stem}.png", grey, ort_map, title)
     assert first_input is not None
-    return {
-        "labels": [label for _, label, _ in samples],
-        "scores": ort_scores,
-        "torch_scores": torch.cat(torch_scores),
-        "torch_labels": torch.cat(torch_labels),
-        "onnx_max_abs_diff": score_diff,
-        "onnx_map_max_abs_diff": map_diff,
-        "score_resolution": score_resolution(model.post_processor, raw_peak),
-        "session": session,
-        "example_input": first_input,
-    }
+    return ScoringPass(
+        labels=[label for _, label, _ in samples],
+        scores=ort_scores,
+        torch_scores=torch.cat(torch_scores),
+        torch_labels=torch.cat(torch_labels),
+        onnx_max_abs_diff=score_diff,
+        onnx_map_max_abs_diff=map_diff,
+        score_resolution=score_resolution(model.post_processor, raw_peak),
+        session=session,
+        example_input=first_input,
+    )
 
 
 def score_resolution(post: Any, raw_peak: float) -> float:
@@ -298,7 +310,7 @@ def measure_latency(model: Any, session: Any, x: np.ndarray, repeats: int) -> tu
 
 def log_to_mlflow(
     model_name: str,
-    params: dict[str, Any],
+    params: Params,
     metrics: dict[str, float],
     out_dir: Path,
     onnx_path: Path,
@@ -317,17 +329,18 @@ def log_to_mlflow(
 
     from experiments import tracking
 
+    raw = params.as_dict()
     experiment_id = tracking.get_or_create_experiment()
-    tags = tracking.run_tags(model_name, params, f"evaluate@{model_name}")
+    tags = tracking.run_tags(model_name, raw, f"evaluate@{model_name}")
     # "synthetic": metrics are on anomalib's synthetic anomalies (no real defect images yet)
     tags["test_set"] = "synthetic" if metrics.get("test_synthetic") else "real"
     tags["device"] = str(train_record.get("device", "unknown"))  # what train.accelerator resolved to
-    logged = {key: params.get(key) for key in LOGGED_PARAM_SECTIONS} | {
+    logged = {key: raw.get(key) for key in LOGGED_PARAM_SECTIONS} | {
         "model": model_params(model_name, params)
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=tags) as run:
         mlflow.log_params(tracking.flatten(logged) | {"test_set": tags["test_set"]})
-        tracking.log_data_input(params)  # the DVC hash of data/ in the UI's Dataset column
+        tracking.log_data_input(raw)  # the DVC hash of data/ in the UI's Dataset column
         mlflow.log_metrics(metrics)
         mlflow.log_dict(train_record, "train/train.json")
         mlflow.log_artifacts(str(out_dir / "plots"), artifact_path="plots")
@@ -351,99 +364,89 @@ def log_to_mlflow(
         return run.info.run_id, info.model_uri, tags
 
 
-def evaluate(
-    model_name: str,
-    params: dict[str, Any],
-    dataset: Path,
-    models_dir: Path,
-    out_dir: Path,
-    use_mlflow: bool = True,
-) -> dict[str, Any]:
-    """Run the whole evaluation for one model; return ``summary.json``'s content."""
-    settings = evaluate_params(params)
-    model_params(model_name, params)
+def checkpoint_path(model_name: str, models_dir: Path) -> Path:
+    """``<models_dir>/<model>/model.ckpt``, or the one-line fix when train has not run."""
     ckpt = models_dir / model_name / CHECKPOINT_NAME
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt} not found; run the train stage first (dvc repro train@{model_name})")
-    size = int(params["data"]["image_size"])
-    policy = resize_policy(params)
+    return ckpt
 
-    seed_everything(int(params["seed"]))
-    quiet_third_party_warnings()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    (out_dir / "plots").mkdir(parents=True)
-    (out_dir / "heatmaps").mkdir(parents=True)
 
-    model = load_trained_model(model_name, params, ckpt)
+def load_test_set(params: Params, dataset: Path) -> TestSet:
+    """The datamodule's held-out test split (for synthetic data, set-up paints the anomalies)."""
     datamodule = build_datamodule(params, dataset)
     datamodule.setup()  # the splits; for synthetic data this writes the anomalous images and masks
-    synthetic = is_synthetic(dataset)
     samples = _test_samples(datamodule)
     missing = [p for s in samples for p in (s[0], s[2]) if p is not None and not p.is_file()]
     if missing:
         raise DatasetLayoutError(f"{len(missing)} test image/mask file(s) missing, e.g. {missing[0]}")
+    return TestSet(datamodule, samples, is_synthetic(dataset), has_masks(dataset))
 
-    onnx_path = export_onnx(model, out_dir / "onnx", size)
-    post = model.post_processor
-    pixel_metrics = (
-        StreamingPixelMetrics(float(post.pixel_min), float(post.pixel_max)) if has_masks(dataset) else None
-    )
-    start = time.perf_counter()
-    scored = compare_and_score(
-        model,
-        onnx_path,
-        samples,
-        size,
-        out_dir / "heatmaps",
-        settings["n_heatmaps"],
-        model_name,
-        pixel_metrics,
-        policy,
-    )
-    test_time = time.perf_counter() - start
-    anomalib_metrics = image_metrics(model, scored["labels"], scored["torch_scores"], scored["torch_labels"])
-    curves = roc_pr(scored["labels"], scored["scores"])
-    # Per-image ONNX scores: benchmarks/accuracy.py bootstraps confidence intervals from them.
-    write_scores(out_dir / "scores.csv", samples, scored["scores"], dataset)
-    write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
-    write_curve(out_dir / "plots" / "pr.csv", "recall", curves["recall"], "precision", curves["precision"])
-    ort_ms, torch_ms = measure_latency(
-        model, scored["session"], scored["example_input"], settings["latency_repeats"]
-    )
 
+def read_train_record(model_name: str, models_dir: Path) -> dict[str, Any]:
+    """train.json of the model (fit time, memory, device, threshold record); empty if absent."""
+    path = models_dir / model_name / TRAIN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect_metrics(
+    image: dict[str, float],
+    scored: ScoringPass,
+    test: TestSet,
+    latency: tuple[float, float],
+    onnx_path: Path,
+    test_time: float,
+    train_record: dict[str, Any],
+) -> dict[str, float]:
+    """metrics.json: anomalib's (and pixel) metrics, the ONNX check, costs and resource peaks."""
     from sklearn.metrics import roc_auc_score
 
-    train_json = models_dir / model_name / "train.json"
-    train_record = json.loads(train_json.read_text()) if train_json.is_file() else {}
-    if pixel_metrics is not None:
-        anomalib_metrics |= pixel_metrics.compute()
-    metrics: dict[str, float] = {
-        **{k: round(v, 6) for k, v in sorted(anomalib_metrics.items())},
+    ort_ms, torch_ms = latency
+    return {
+        **{k: round(v, 6) for k, v in sorted(image.items())},
         # 1: scored on anomalib's synthetic anomalies (data/ has no defect images), not real defects
-        "test_synthetic": 1.0 if synthetic else 0.0,
-        "onnx_image_AUROC": round(float(roc_auc_score(scored["labels"], scored["scores"])), 6),
+        "test_synthetic": 1.0 if test.synthetic else 0.0,
+        "onnx_image_AUROC": round(float(roc_auc_score(scored.labels, scored.scores)), 6),
         "latency_ms": round(ort_ms, 3),
         "torch_latency_ms": round(torch_ms, 3),
         "model_size_mb": round(file_size_mb(onnx_path), 3),
-        "onnx_max_abs_diff": float(f"{scored['onnx_max_abs_diff']:.3g}"),
-        "onnx_map_max_abs_diff": float(f"{scored['onnx_map_max_abs_diff']:.3g}"),
+        "onnx_max_abs_diff": float(f"{scored.onnx_max_abs_diff:.3g}"),
+        "onnx_map_max_abs_diff": float(f"{scored.onnx_map_max_abs_diff:.3g}"),
         "test_time_s": round(test_time, 3),
         "train_time_s": float(train_record.get("train_time_s", float("nan"))),
         "train_peak_rss_mb": float(train_record.get("peak_rss_mb", float("nan"))),
         "eval_peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    # the tolerance, widened only where float32 itself cannot resolve the normalised score
-    allowed = settings["onnx_tolerance"] + ULPS_ALLOWED * scored["score_resolution"]
-    if metrics["onnx_max_abs_diff"] > allowed:
+
+def check_onnx_parity(model_name: str, measured: float, scored: ScoringPass, tolerance: float) -> None:
+    """Fail when ONNX Runtime's pred_score is further from torch's than ``evaluate.onnx_tolerance``,
+    widened only where float32 itself cannot resolve the normalised score."""
+    allowed = tolerance + ULPS_ALLOWED * scored.score_resolution
+    if measured > allowed:
         raise OnnxMismatchError(
-            f"{model_name}: ONNX Runtime pred_score differs from torch by {metrics['onnx_max_abs_diff']:.3g} "
-            f"(> {allowed:.3g}: evaluate.onnx_tolerance = {settings['onnx_tolerance']} plus {ULPS_ALLOWED} "
+            f"{model_name}: ONNX Runtime pred_score differs from torch by {measured:.3g} "
+            f"(> {allowed:.3g}: evaluate.onnx_tolerance = {tolerance} plus {ULPS_ALLOWED} "
             "float32 steps of the raw score); not logging this model"
         )
 
-    summary: dict[str, Any] = {
+
+def build_summary(
+    model_name: str,
+    model: Any,
+    metrics: dict[str, float],
+    onnx_path: Path,
+    scored: ScoringPass,
+    test: TestSet,
+    data: DataSection,
+    dataset: Path,
+    train_record: dict[str, Any],
+) -> dict[str, Any]:
+    """summary.json (contract §3) before MLflow logging fills in ``run_id``/``model_uri``."""
+    from experiments import tracking
+
+    post = model.post_processor
+    return {
         "model": model_name,
         "run_id": None,
         "model_uri": None,
@@ -451,38 +454,87 @@ def evaluate(
         "onnx_path": str(
             onnx_path.relative_to(REPO_ROOT) if onnx_path.is_relative_to(REPO_ROOT) else onnx_path
         ),
-        "image_size": size,
-        "resize": policy,
+        "image_size": data.image_size,
+        "resize": data.resize,
         "input_normalization": input_normalization(model),  # inside the ONNX graph; promote records it
-        "onnx_score_resolution": scored["score_resolution"],  # see score_resolution()
+        "onnx_score_resolution": scored.score_resolution,  # see score_resolution()
         "threshold": float(post.normalized_image_threshold),
         "raw_threshold": float(post.image_threshold),
-        "input_name": scored["session"].get_inputs()[0].name,
-        "outputs": [o.name for o in scored["session"].get_outputs()],
-        "n_test_images": len(samples),
-        "test_set": "synthetic" if synthetic else "real",
+        "input_name": scored.session.get_inputs()[0].name,
+        "outputs": [o.name for o in scored.session.get_outputs()],
+        "n_test_images": len(test.samples),
+        "test_set": "synthetic" if test.synthetic else "real",
         # threshold policy as applied in train (method, why, counts), and which images set it / were scored
         "threshold_policy": train_record.get("threshold"),
-        "splits": split_record(datamodule, dataset),
+        "splits": split_record(test.datamodule, dataset),
         "device": train_record.get("device", "unknown"),
+        "data_version": tracking.data_version(),
+        "git_commit": tracking.git_commit(),
     }
-    from experiments import tracking
 
-    summary["data_version"] = tracking.data_version()
-    summary["git_commit"] = tracking.git_commit()
+
+def evaluate(
+    model_name: str,
+    params: Params | Mapping[str, Any],
+    dataset: Path,
+    models_dir: Path,
+    out_dir: Path,
+    use_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Run the whole evaluation for one model; return ``summary.json``'s content."""
+    params = as_params(params)
+    settings, data = params.evaluate, params.need("data")
+    model_params(model_name, params)
+    ckpt = checkpoint_path(model_name, models_dir)
+    seed_everything(params.need("seed"))
+    quiet_third_party_warnings()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    (out_dir / "plots").mkdir(parents=True)
+    (out_dir / "heatmaps").mkdir(parents=True)
+
+    model = load_trained_model(model_name, params, ckpt)
+    test = load_test_set(params, dataset)
+    onnx_path = export_onnx(model, out_dir / "onnx", data.image_size)
+    post = model.post_processor
+    pixel_metrics = (
+        StreamingPixelMetrics(float(post.pixel_min), float(post.pixel_max)) if test.masks else None
+    )
+    heatmaps, size = out_dir / "heatmaps", data.image_size
+    start = time.perf_counter()
+    scored = compare_and_score(
+        model,
+        onnx_path,
+        test.samples,
+        size,
+        heatmaps,
+        settings.n_heatmaps,
+        model_name,
+        pixel_metrics,
+        data.resize,
+    )
+    test_time = time.perf_counter() - start
+    image = image_metrics(model, scored.labels, scored.torch_scores, scored.torch_labels)
+    curves = roc_pr(scored.labels, scored.scores)
+    # Per-image ONNX scores: benchmarks/accuracy.py bootstraps confidence intervals from them.
+    write_scores(out_dir / "scores.csv", test.samples, scored.scores, dataset)
+    write_curve(out_dir / "plots" / "roc.csv", "fpr", curves["fpr"], "tpr", curves["tpr"])
+    write_curve(out_dir / "plots" / "pr.csv", "recall", curves["recall"], "precision", curves["precision"])
+    latency = measure_latency(model, scored.session, scored.example_input, settings.latency_repeats)
+
+    train_record = read_train_record(model_name, models_dir)
+    if pixel_metrics is not None:
+        image |= pixel_metrics.compute()
+    metrics = collect_metrics(image, scored, test, latency, onnx_path, test_time, train_record)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    check_onnx_parity(model_name, metrics["onnx_max_abs_diff"], scored, settings.onnx_tolerance)
+
+    summary = build_summary(model_name, model, metrics, onnx_path, scored, test, data, dataset, train_record)
     if use_mlflow:
-        example_output = run_ort(scored["session"], scored["example_input"])
+        example_output = run_ort(scored.session, scored.example_input)
         run_id, model_uri, tags = log_to_mlflow(
-            model_name,
-            params,
-            metrics,
-            out_dir,
-            onnx_path,
-            scored["example_input"],
-            example_output,
-            curves,
+            model_name, params, metrics, out_dir, onnx_path, scored.example_input, example_output, curves,
             train_record,
-        )
+        )  # fmt: skip
         summary |= {"run_id": run_id, "model_uri": model_uri, "pipeline_id": tags["pipeline_id"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -492,10 +544,10 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
-    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
-    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / "build" / "dataset")
-    parser.add_argument("--models", type=Path, default=REPO_ROOT / "build" / "models")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "eval")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--dataset", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--models", type=Path, default=Path(MODELS_DIR), help="holds <model>/")
+    parser.add_argument("--out", type=Path, default=Path(EVAL_DIR), help="gets <model>/")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging (tests, quick checks)")
     args = parser.parse_args(argv)
     params = load_params(args.params)

@@ -475,10 +475,11 @@ def import_lookout(
 def _default_seed() -> int:
     """``seed`` of params.yaml (the single place for knobs) when readable, else 42."""
     from config.params import ParamsError, load_params
+    from config.paths import PARAMS_FILE
 
     try:
-        return int(load_params(Path(__file__).resolve().parent.parent / "params.yaml").get("seed", 42))
-    except (ParamsError, TypeError, ValueError):
+        return load_params(PARAMS_FILE).need("seed")
+    except ParamsError:
         return 42
 
 

@@ -38,11 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from config.params import ParamsError
+from config.params import Params, ThresholdSection, as_params
 
 N_BINS = 1 << 16
 AUPRO_FPR_LIMIT = 0.3
-THRESHOLD_METHODS = ("f1", "normal_quantile")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -177,28 +176,18 @@ def brute_force_aupro(
 class ThresholdPolicy:
     """Validated ``train.threshold``: ``{method: f1 | normal_quantile, quantile: 0.99}``."""
 
-    method: str = "f1"
-    quantile: float = 0.99
+    method: str  # config.params.THRESHOLD_METHODS
+    quantile: float
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> ThresholdPolicy:
-        cfg = (params.get("train") or {}).get("threshold") or {}
-        if not isinstance(cfg, Mapping):
-            raise ParamsError(f"params.yaml: train.threshold must be a mapping, got {cfg!r}")
-        unknown = sorted(set(cfg) - {"method", "quantile"})
-        if unknown:
-            raise ParamsError(
-                f"params.yaml: train.threshold has unknown key(s) {unknown}; allowed: method, quantile"
-            )
-        method = cfg.get("method", "f1")
-        if method not in THRESHOLD_METHODS:
-            raise ParamsError(
-                f"params.yaml: train.threshold.method must be one of {THRESHOLD_METHODS}, got {method!r}"
-            )
-        q = cfg.get("quantile", 0.99)
-        if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q <= 1:
-            raise ParamsError(f"params.yaml: train.threshold.quantile must be a number in (0, 1], got {q!r}")
-        return cls(method=method, quantile=float(q))
+    def from_section(cls, section: ThresholdSection) -> ThresholdPolicy:
+        """The policy of the typed ``train.threshold`` section."""
+        return cls(method=section.method, quantile=section.quantile)
+
+    @classmethod
+    def from_params(cls, params: Params | Mapping[str, Any]) -> ThresholdPolicy:
+        """The policy of a whole params file (validated if it is a mapping)."""
+        return cls.from_section(as_params(params).train.threshold)
 
 
 def normal_quantile(scores: np.ndarray, quantile: float) -> float:

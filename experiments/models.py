@@ -19,6 +19,11 @@ anomaly map by the maximum over the *batch*, so with batch 1 (serving) every ima
 FastFlow, Reverse Distillation and U-Flow were left out: anomalib hard-codes their backbones to
 ResNet/CaiT variants whose ImageNet weights cannot be had offline here.
 
+One table, :data:`MODELS`: each row is a model's params section (a typed class), its anomalib
+class and the checks its params need against the backbone. It drives the validation of
+``models.<name>``, :func:`build_model`, and the per-model parts of dvc.yaml (``tools.dvc_yaml``),
+so a new model is one row plus its section in params.yaml.
+
 Parameters are validated here, before anything heavy is imported, because anomalib's own checks
 are either late (after the backbone is built) or silent: an unknown layer name is dropped with a
 warning and training carries on with fewer layers. A typo in ``params.yaml`` must fail loudly.
@@ -27,10 +32,24 @@ warning and training carries on with fewer layers. A typo in ``params.yaml`` mus
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
-from config.params import ParamsError
-from core.preprocess import DEFAULT_RESIZE, PreprocessError, check_policy
+from pydantic import PlainValidator
+
+from config.params import (
+    Params,
+    ParamsError,
+    Section,
+    as_params,
+    choice,
+    integer,
+    invalid,
+    names,
+    number,
+    param_error,
+    parse,
+)
 from experiments.backbones import BackboneError, BackboneSpec, feature_layers, resolve_backbone
 from experiments.runtime import seed_everything
 
@@ -39,34 +58,164 @@ if TYPE_CHECKING:  # keep `import experiments.models` cheap: torch/anomalib load
 
 DFM_SCORE_TYPES = ("fre", "nll")
 SSN_MIN_MAP = 32  # anomalib's Perlin generator draws scales up to 2**5
-
-# Keys each model accepts under ``models.<name>``; ``max_epochs`` is read by train.py.
-MODEL_KEYS: dict[str, set[str]] = {
-    "padim": {"layers", "n_features", "max_epochs"},
-    "patchcore": {"layers", "coreset_sampling_ratio", "num_neighbors", "max_epochs"},
-    "stfpm": {"layers", "max_epochs"},
-    "dfm": {"layer", "pooling_kernel_size", "pca_level", "score_type", "max_epochs"},
-    "fre": {"layer", "pooling_kernel_size", "latent_dim", "max_epochs"},
-    "supersimplenet": {"layers", "perlin_threshold", "max_epochs"},
-}
-SUPPORTED_MODELS = tuple(MODEL_KEYS)
+LayerTable = Mapping[str, tuple[int, int]]  # feature layer -> (channels, stride), in network order
 
 
-def _where(name: str, key: str) -> str:
-    return f"params.yaml: models.{name}.{key}"
+def _single_layer(value: Any) -> str:
+    """One layer name (a one-item list is accepted: it is what ``layers`` would say)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str) or not value:
+        raise invalid("a single layer name")
+    return value
 
 
-def resize_policy(params: Mapping[str, Any]) -> str:
-    """``data.resize`` (default ``letterbox``), validated: the policy every stage and serving use."""
-    try:
-        return check_policy(
-            (params.get("data") or {}).get("resize", DEFAULT_RESIZE), "params.yaml: data.resize"
+# ------------------------------------------------------------------ each model's params section
+class ModelSettings(Section):
+    """What every ``models.<name>`` section may hold; ``max_epochs`` is read by train."""
+
+    max_epochs: Annotated[int, integer(ge=1)] = 1
+
+
+class PadimSettings(ModelSettings):
+    layers: Annotated[tuple[str, ...], names()]
+    n_features: Annotated[int, integer(ge=1)]  # random channel subset; <= channels of the layers
+
+
+class PatchcoreSettings(ModelSettings):
+    layers: Annotated[tuple[str, ...], names()]
+    coreset_sampling_ratio: Annotated[float, number(gt=0, le=1)]
+    num_neighbors: Annotated[int, integer(ge=1)]
+
+
+class StfpmSettings(ModelSettings):
+    layers: Annotated[tuple[str, ...], names()]
+
+
+class DfmSettings(ModelSettings):
+    layer: Annotated[str, PlainValidator(_single_layer)]
+    score_type: Annotated[str, choice(DFM_SCORE_TYPES)] = "fre"
+    pooling_kernel_size: Annotated[int, integer(ge=1)]
+    pca_level: Annotated[float, number(gt=0, le=1)]
+
+
+class FreSettings(ModelSettings):
+    layer: Annotated[str, PlainValidator(_single_layer)]
+    pooling_kernel_size: Annotated[int, integer(ge=1)] = 2
+    latent_dim: Annotated[int, integer(ge=1)] = 220
+
+
+class SupersimplenetSettings(ModelSettings):
+    layers: Annotated[tuple[str, ...], names()]
+    perlin_threshold: Annotated[float, number(gt=0, le=1)] = 0.2
+
+
+# -------------------------------------------------- checks against the backbone, derived arguments
+def _no_extra(name: str, cfg: Any, layers: LayerTable, size: int) -> dict[str, Any]:
+    return {}
+
+
+def _padim_channels(name: str, cfg: PadimSettings, layers: LayerTable, size: int) -> dict[str, Any]:
+    channels = sum(layers[la][0] for la in cfg.layers)
+    if cfg.n_features > channels:
+        raise ParamsError(
+            f"params.yaml: models.{name}.n_features: {cfg.n_features} is larger than the {channels} channels "
+            f"of layers {list(cfg.layers)} ({', '.join(f'{la}: {layers[la][0]}' for la in cfg.layers)})"
         )
-    except PreprocessError as exc:
-        raise ParamsError(str(exc)) from exc
+    return {}
 
 
-def backbone_spec(params: Mapping[str, Any]) -> BackboneSpec:
+def _fre_input_dim(name: str, cfg: FreSettings, layers: LayerTable, size: int) -> dict[str, Any]:
+    channels, stride = layers[cfg.layer]
+    side = size // stride // cfg.pooling_kernel_size
+    if side < 1:
+        raise ParamsError(
+            f"params.yaml: models.{name}.pooling_kernel_size: {cfg.pooling_kernel_size} leaves no feature "
+            f"map ({cfg.layer} is {size // stride}x{size // stride} at data.image_size {size})"
+        )
+    # FRE's autoencoder works on the flattened pooled map, so its input size follows the params.
+    return {"input_dim": channels * side * side}
+
+
+def _ssn_map_size(name: str, cfg: SupersimplenetSettings, layers: LayerTable, size: int) -> dict[str, Any]:
+    # Features are upscaled to 2x the first layer's map and anomalib draws Perlin noise on it
+    # at random scales up to 32: a smaller map crashes training at random (empty noise grid).
+    side = 2 * size // layers[cfg.layers[0]][1]
+    if side < SSN_MIN_MAP:
+        raise ParamsError(
+            f"params.yaml: models.{name}.layers: {cfg.layers[0]} gives a {side}x{side} feature map at "
+            f"data.image_size {size}; SuperSimpleNet needs >= {SSN_MIN_MAP} (use an earlier "
+            f"layer, stride <= {2 * size // SSN_MIN_MAP}, or a larger image_size)"
+        )
+    return {}
+
+
+# ------------------------------------------------------------------ classes, imported when building
+# Functions, not module-level imports: validating params must not import torch. They are real
+# imports (not strings) so that the DVC deps of the stages that build models see them.
+def _padim() -> type:
+    from anomalib.models import Padim
+
+    return Padim
+
+
+def _patchcore() -> type:
+    from experiments.coreset import FastCoresetPatchcore  # anomalib's, coreset selection ~4x faster
+
+    return FastCoresetPatchcore
+
+
+def _stfpm() -> type:
+    from anomalib.models import Stfpm
+
+    return Stfpm
+
+
+def _dfm() -> type:
+    from anomalib.models import Dfm
+
+    return Dfm
+
+
+def _fre() -> type:
+    from anomalib.models import Fre
+
+    return Fre
+
+
+def _supersimplenet() -> type:
+    from anomalib.models import Supersimplenet
+
+    return Supersimplenet
+
+
+# --------------------------------------------------------------------------------- the model table
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the model table: its params section, its class, and what the backbone must allow.
+
+    A new model is one row here plus its section under ``models`` in params.yaml; the params
+    validation and the DVC stages (``python -m tools.dvc_yaml`` writes dvc.yaml) follow from it.
+    """
+
+    settings: type[ModelSettings]
+    model_class: Callable[[], type]  # returns the anomalib class (imports it)
+    check: Callable[[str, Any, LayerTable, int], dict[str, Any]] = _no_extra
+    pre_trained: bool = True  # False: the class fixes it (STFPM's teacher, SuperSimpleNet's extractor)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "padim": ModelSpec(PadimSettings, _padim, _padim_channels),
+    "patchcore": ModelSpec(PatchcoreSettings, _patchcore),
+    "stfpm": ModelSpec(StfpmSettings, _stfpm, pre_trained=False),
+    "dfm": ModelSpec(DfmSettings, _dfm),
+    "fre": ModelSpec(FreSettings, _fre, _fre_input_dim),
+    "supersimplenet": ModelSpec(SupersimplenetSettings, _supersimplenet, _ssn_map_size, pre_trained=False),
+}
+SUPPORTED_MODELS = tuple(MODELS)
+
+
+def backbone_spec(params: Params | Mapping[str, Any]) -> BackboneSpec:
     """``params.yaml: backbone`` resolved (weights source checked), as a :class:`ParamsError`."""
     try:
         return resolve_backbone(params)
@@ -74,143 +223,55 @@ def backbone_spec(params: Mapping[str, Any]) -> BackboneSpec:
         raise ParamsError(str(exc)) from exc
 
 
-def _layers(
-    name: str,
-    cfg: Mapping[str, Any],
-    available: Mapping[str, tuple[int, int]],
-    backbone: str,
-    key: str = "layers",
-) -> list[str]:
-    """Return the layer list, rejecting names the backbone does not expose as feature maps."""
-    value = cfg.get(key)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ParamsError(f"{_where(name, key)} must be a non-empty list of layer names, got {value!r}")
+def _check_layers(name: str, key: str, value: tuple[str, ...], available: LayerTable, backbone: str) -> None:
+    """Reject layer names the backbone does not expose as feature maps, repeats and shuffles."""
+    where = f"params.yaml: models.{name}.{key}"
     for layer in value:
         if layer not in available:
             raise ParamsError(
-                f"{_where(name, key)}: unknown layer {layer!r} for {backbone}; "
-                f"available: {', '.join(available)}"
+                f"{where}: unknown layer {layer!r} for {backbone}; available: {', '.join(available)}"
             )
     if len(set(value)) != len(value):
-        raise ParamsError(f"{_where(name, key)} lists a layer twice: {value}")
+        raise ParamsError(f"{where}: lists a layer twice: {list(value)}")
     # Feature maps are concatenated/compared in network order; a shuffled list is almost surely a typo.
     order = list(available)
-    if value != sorted(value, key=order.index):
-        raise ParamsError(f"{_where(name, key)} must be in network order {order}, got {value}")
-    return list(value)
+    if list(value) != sorted(value, key=order.index):
+        raise param_error(f"models.{name}.{key}", f"in network order {order}", list(value))
 
 
-def _int(name: str, cfg: Mapping[str, Any], key: str, minimum: int, default: int | None = None) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ParamsError(f"{_where(name, key)} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _fraction(name: str, cfg: Mapping[str, Any], key: str, default: float | None = None) -> float:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ParamsError(f"{_where(name, key)} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def model_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate ``models.<name>`` (and ``backbone``/``data.image_size``) and return normalised kwargs.
-
-    The returned dict holds the model's constructor arguments plus ``max_epochs``; it is what gets
-    logged to MLflow, so it reflects defaults that were filled in.
-    """
-    models = params.get("models")
-    if not isinstance(models, Mapping) or not models:
-        raise ParamsError("params.yaml: 'models' must be a mapping of model name -> settings")
-    if name not in MODEL_KEYS:
+def model_settings(name: str, params: Params | Mapping[str, Any]) -> ModelSettings:
+    """``models.<name>`` typed by the table and checked against the backbone and ``data.image_size``."""
+    p = as_params(params)
+    if name not in MODELS:
         raise ParamsError(f"unknown model {name!r}; supported: {', '.join(SUPPORTED_MODELS)}")
+    models = p.need("models")
     if name not in models:
         raise ParamsError(f"model {name!r} has no section under 'models' in params.yaml")
-    cfg = models[name] or {}
-    if not isinstance(cfg, Mapping):
-        raise ParamsError(f"params.yaml: models.{name} must be a mapping, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - MODEL_KEYS[name])
-    if unknown:
-        raise ParamsError(
-            f"params.yaml: models.{name} has unknown key(s) {unknown}; allowed: {sorted(MODEL_KEYS[name])}"
-        )
-    backbone = backbone_spec(params).name
+    cfg = parse(MODELS[name].settings, models[name], f"models.{name}")
+    backbone = backbone_spec(p).name
     try:
         available = feature_layers(backbone)
     except BackboneError as exc:
         raise ParamsError(str(exc)) from exc
-    image_size = (params.get("data") or {}).get("image_size")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
-        raise ParamsError(
-            f"params.yaml: data.image_size must be a multiple of 32 (>= 32), got {image_size!r}"
-        )
+    for key in ("layers", "layer"):
+        if key in type(cfg).model_fields:
+            value = getattr(cfg, key)
+            _check_layers(name, key, (value,) if isinstance(value, str) else value, available, backbone)
+    return cfg
 
-    out: dict[str, Any] = {"max_epochs": _int(name, cfg, "max_epochs", 1, default=1)}
-    if name == "padim":
-        layers = _layers(name, cfg, available, backbone)
-        channels = sum(available[layer][0] for layer in layers)
-        n_features = _int(name, cfg, "n_features", 1)
-        if n_features > channels:
-            raise ParamsError(
-                f"{_where(name, 'n_features')} = {n_features} is larger than the {channels} channels "
-                f"of layers {layers} ({', '.join(f'{la}: {available[la][0]}' for la in layers)})"
-            )
-        out |= {"layers": layers, "n_features": n_features}
-    elif name == "patchcore":
-        out |= {
-            "layers": _layers(name, cfg, available, backbone),
-            "coreset_sampling_ratio": _fraction(name, cfg, "coreset_sampling_ratio"),
-            "num_neighbors": _int(name, cfg, "num_neighbors", 1),
-        }
-    elif name == "stfpm":
-        out |= {"layers": _layers(name, cfg, available, backbone)}
-    elif name == "fre":
-        layers = _layers(name, cfg, available, backbone, "layer")
-        if len(layers) != 1:
-            raise ParamsError(f"{_where(name, 'layer')} must be a single layer name, got {layers}")
-        channels, stride = available[layers[0]]
-        pool = _int(name, cfg, "pooling_kernel_size", 1, default=2)
-        side = image_size // stride // pool
-        if side < 1:
-            raise ParamsError(f"{_where(name, 'pooling_kernel_size')} = {pool} leaves no feature map")
-        # FRE's autoencoder works on the flattened pooled map, so its input size follows the params.
-        out |= {
-            "layer": layers[0],
-            "pooling_kernel_size": pool,
-            "latent_dim": _int(name, cfg, "latent_dim", 1, default=220),
-            "input_dim": channels * side * side,
-        }
-    elif name == "supersimplenet":
-        layers = _layers(name, cfg, available, backbone)
-        # Features are upscaled to 2x the first layer's map and anomalib draws Perlin noise on it
-        # at random scales up to 32: a smaller map crashes training at random (empty noise grid).
-        side = 2 * image_size // available[layers[0]][1]
-        if side < SSN_MIN_MAP:
-            raise ParamsError(
-                f"{_where(name, 'layers')}: {layers[0]} gives a {side}x{side} feature map at "
-                f"data.image_size {image_size}; SuperSimpleNet needs >= {SSN_MIN_MAP} (use an earlier "
-                f"layer, stride <= {2 * image_size // SSN_MIN_MAP}, or a larger image_size)"
-            )
-        out |= {"layers": layers, "perlin_threshold": _fraction(name, cfg, "perlin_threshold", default=0.2)}
-    elif name == "dfm":
-        layers = _layers(name, cfg, available, backbone, "layer")
-        if len(layers) != 1:
-            raise ParamsError(f"{_where(name, 'layer')} must be a single layer name, got {layers}")
-        score_type = cfg.get("score_type", "fre")
-        if score_type not in DFM_SCORE_TYPES:
-            raise ParamsError(
-                f"{_where(name, 'score_type')} must be one of {DFM_SCORE_TYPES}, got {score_type!r}"
-            )
-        out |= {
-            "layer": layers[0],
-            "pooling_kernel_size": _int(name, cfg, "pooling_kernel_size", 1),
-            "pca_level": _fraction(name, cfg, "pca_level"),
-            "score_type": score_type,
-        }
-    return out
+
+def model_params(name: str, params: Params | Mapping[str, Any]) -> dict[str, Any]:
+    """The validated ``models.<name>`` as the model's constructor arguments plus ``max_epochs``.
+
+    It is what gets logged to MLflow, so it reflects defaults that were filled in and arguments
+    derived from the backbone (FRE's ``input_dim``).
+    """
+    p = as_params(params)
+    cfg = model_settings(name, p)
+    available = feature_layers(backbone_spec(p).name)
+    derived = MODELS[name].check(name, cfg, available, p.need("data").image_size)
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model_dump().items()}
+    return out | derived
 
 
 def _evaluator() -> Any:
@@ -259,7 +320,7 @@ def input_normalization(model: AnomalibModule) -> dict[str, list[float]]:
 
 def build_model(
     name: str,
-    params: Mapping[str, Any],
+    params: Params | Mapping[str, Any],
     *,
     visualizer: bool = False,
 ) -> AnomalibModule:
@@ -271,32 +332,22 @@ def build_model(
     """
     from experiments.metrics import ThresholdPolicy, make_post_processor
 
-    policy = ThresholdPolicy.from_params(params)
-    kwargs = model_params(name, params)
+    p = as_params(params)
+    policy = ThresholdPolicy.from_section(p.train.threshold)
+    kwargs = model_params(name, p)
     kwargs.pop("max_epochs")
-    size = int(params["data"]["image_size"])
+    size = p.need("data").image_size
 
     from experiments.backbones import configure_offline
 
-    spec = backbone_spec(params)
+    spec = backbone_spec(p)
     try:  # before anomalib builds the backbone: pre_trained=True then resolves offline
         configure_offline(spec=spec)
     except BackboneError as exc:
         raise ParamsError(str(exc)) from exc
 
-    from anomalib.models import Dfm, Fre, Padim, Stfpm, Supersimplenet
-
-    from experiments.coreset import FastCoresetPatchcore
-
-    classes: dict[str, Callable[..., AnomalibModule]] = {
-        "padim": Padim,
-        "patchcore": FastCoresetPatchcore,  # anomalib's PatchCore, coreset selection ~4x faster
-        "stfpm": Stfpm,
-        "dfm": Dfm,
-        "fre": Fre,
-        "supersimplenet": Supersimplenet,
-    }
-    cls = classes[name]
+    row = MODELS[name]
+    cls = row.model_class()
     common: dict[str, Any] = {
         "backbone": spec.name,
         "pre_processor": _pre_processor(size, spec),
@@ -304,13 +355,11 @@ def build_model(
         "post_processor": make_post_processor(policy),
         "visualizer": visualizer,
     }
-    # STFPM's teacher is always pretrained and its student never is; SuperSimpleNet's extractor
-    # is always pretrained.
-    if name not in ("stfpm", "supersimplenet"):
+    if row.pre_trained:
         common["pre_trained"] = True
     # Seed again right before construction: the model's own random draws (PaDiM's channel subset via
     # Python's `random`, the initial weights of STFPM's student, FRE, SuperSimpleNet) must depend on
     # params only. Imports and the first-run weight conversion above consume RNG draws on some runs
     # and not others: a fresh machine's first run picked other PaDiM channels than every later run.
-    seed_everything(int(params.get("seed", 0)))
+    seed_everything(p.seed or 0)
     return cls(**common, **kwargs)

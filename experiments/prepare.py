@@ -40,8 +40,8 @@ from tqdm import tqdm
 from config.params import load_params
 from core.files import atomic_directory
 from core.preprocess import PreprocessError, fit_image, fit_mask
+from experiments.artifacts import DATASET_DIR, PREPARE_REPORT
 from experiments.data_validation import (
-    DataParams,
     DataValidationError,
     SplitPlan,
     check_image,
@@ -50,13 +50,8 @@ from experiments.data_validation import (
     plan_splits,
     recorded_md5,
     scan_layout,
-    validate_data_params,
 )
-from experiments.models import resize_policy
 from experiments.runtime import stage_main
-
-DATASET_DIR = Path("build/dataset")
-REPORT_PATH = Path("build/prepare/report.json")
 
 
 def _needs_rewrite(src: Path, size: int) -> bool:
@@ -65,12 +60,12 @@ def _needs_rewrite(src: Path, size: int) -> bool:
         return not (im.mode in ("L", "RGB") and im.size == (size, size))
 
 
-def _write_file(src: Path, dest: Path, size: int, policy: str, is_mask: bool = False) -> None:
+def _write_file(src: Path, dest: Path, size: int, resize: str, is_mask: bool = False) -> None:
     """Write ``src`` as the model will see it (``fit_image``/``fit_mask``) as a PNG at ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(src) as im:
         try:
-            pixels = fit_mask(im, size, policy) if is_mask else fit_image(im, size, policy)
+            pixels = fit_mask(im, size, resize) if is_mask else fit_image(im, size, resize)
         except PreprocessError as exc:
             raise DataValidationError(f"{src}: {exc}") from exc
     if (
@@ -109,19 +104,19 @@ def files_sha256(paths: list[str]) -> str:
 def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
     """Run the stage; return the report (also written to ``report_path``)."""
     params = load_params(params_path)
-    p: DataParams = validate_data_params(params)
-    policy = resize_policy(params)
-    layout = scan_layout(p.root)
+    p, seed = params.need("data"), params.need("seed")
+    root, resize = Path(p.root), p.resize
+    layout = scan_layout(root)
     progress = tqdm(layout.images(), desc="validate", unit="img", mininterval=1.0)
-    infos = {rel: check_image(p.root / rel) for rel in progress}
+    infos = {rel: check_image(root / rel) for rel in progress}
     for image, mask in layout.masks.items():
-        check_mask(p.root / mask, infos[image])
+        check_mask(root / mask, infos[image])
 
-    plan = plan_splits(layout, p)
+    plan = plan_splits(layout, p, seed)
     destinations = _destinations(plan)
     chosen = list(destinations)
     sizes = sorted({infos[rel].size for rel in chosen})
-    rewrite = {rel for rel in chosen if _needs_rewrite(p.root / rel, p.image_size)}
+    rewrite = {rel for rel in chosen if _needs_rewrite(root / rel, p.image_size)}
     resize_to = p.image_size if rewrite else None
 
     files: list[str] = []
@@ -131,32 +126,32 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
             dest = destinations[rel]
             if rel in rewrite:
                 dest = Path(dest).with_suffix(".png").as_posix()
-                _write_file(p.root / rel, tmp / dest, p.image_size, policy)
+                _write_file(root / rel, tmp / dest, p.image_size, resize)
             else:
                 (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p.root / rel, tmp / dest)  # bytes unchanged: already model pixels
+                shutil.copyfile(root / rel, tmp / dest)  # bytes unchanged: already model pixels
             files.append(dest)
             split_files.setdefault(dest.split("/", 1)[0], []).append(dest)
             if rel in layout.masks:
                 split, category = Path(dest).parts[:2]
                 mask_rel = f"ground_truth/{split}/{category}/{Path(dest).stem}.png"
-                _write_file(p.root / layout.masks[rel], tmp / mask_rel, p.image_size, policy, is_mask=True)
+                _write_file(root / layout.masks[rel], tmp / mask_rel, p.image_size, resize, is_mask=True)
                 files.append(mask_rel)
 
     def by_folder(paths: list[str]) -> dict[str, int]:
         return dict(sorted(Counter(Path(rel).parent.as_posix() for rel in paths).items()))
 
-    dvc_file = p.root.parent / f"{p.root.name}.dvc"
-    recorded, actual = recorded_md5(dvc_file), dvc_dir_md5(p.root)
+    dvc_file = root.parent / f"{root.name}.dvc"
+    recorded, actual = recorded_md5(dvc_file), dvc_dir_md5(root)
     if recorded is not None and recorded != actual:
-        warning = f"prepare: warning: {p.root} (md5 {actual}) differs from {dvc_file} ({recorded})"
+        warning = f"prepare: warning: {root} (md5 {actual}) differs from {dvc_file} ({recorded})"
         print(warning, file=sys.stderr)
     report = {
-        "data_root": p.root.as_posix(),
+        "data_root": root.as_posix(),
         "data_version": actual,  # DVC md5 of data/; equals data.dvc's md5 when in sync
         "data_dvc_md5": recorded,
         "params": {
-            "seed": p.seed,
+            "seed": seed,
             "image_size": p.image_size,
             "max_train": p.max_train,
             "max_test_good": p.max_test_good,
@@ -184,7 +179,7 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
         "modes_seen": dict(sorted(Counter(info.mode for info in infos.values()).items())),
         "selected_sizes": sizes,
         "resized_to": resize_to,  # null: bytes copied unchanged (all chosen images were model-ready)
-        "resize": policy,
+        "resize": resize,
         "rewritten": len(rewrite),
         "files": sorted(files),
     }
@@ -199,8 +194,8 @@ def prepare(params_path: Path, out: Path, report_path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--out", type=Path, default=DATASET_DIR)
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
+    parser.add_argument("--out", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--report", type=Path, default=Path(PREPARE_REPORT))
     args = parser.parse_args(argv)
     report = prepare(args.params, args.out, args.report)
     selected = ", ".join(f"{k} {v}" for k, v in report["selected"].items())

@@ -21,26 +21,17 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from config.params import ParamsError, load_params
+from config.params import Params, as_params, load_params
 from config.paths import REPO_ROOT
+from experiments.artifacts import CHECKPOINT_NAME, DATASET_DIR, ENGINE_DIR, MODELS_DIR, TRAIN_RECORD
 from experiments.backbones import BackboneError
 from experiments.datamodule import DatasetLayoutError, build_datamodule, split_record
 from experiments.models import backbone_spec, build_model, input_normalization, model_params
 from experiments.runtime import peak_rss_mb, quiet_third_party_warnings, seed_everything, stage_main
-
-CHECKPOINT_NAME = "model.ckpt"
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-
-
-def accelerator(params: dict[str, Any]) -> str:
-    """``train.accelerator`` (default ``auto``: a GPU when Lightning finds one, else the CPU)."""
-    value = (params.get("train") or {}).get("accelerator", "auto")
-    if value not in ACCELERATORS:
-        raise ParamsError(f"params.yaml: train.accelerator must be one of {ACCELERATORS}, got {value!r}")
-    return str(value)
 
 
 def device_used(engine: Any) -> dict[str, str]:
@@ -57,7 +48,9 @@ def device_used(engine: Any) -> dict[str, str]:
     return {"device": str(device), "device_name": name}
 
 
-def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callbacks: list | None = None) -> Any:
+def make_engine(
+    params: Params | Mapping[str, Any], model_name: str, scratch: Path, callbacks: list | None = None
+) -> Any:
     """An anomalib ``Engine`` on ``train.accelerator`` with the progress bar on and no logger.
 
     ``scratch`` receives anomalib's versioned working folders; it is wiped first so reruns do not
@@ -65,10 +58,11 @@ def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callback
     """
     from anomalib.engine import Engine
 
+    params = as_params(params)
     shutil.rmtree(scratch, ignore_errors=True)
     epochs = model_params(model_name, params)["max_epochs"]
     return Engine(
-        accelerator=accelerator(params),
+        accelerator=params.train.accelerator,
         devices=1,
         max_epochs=epochs,
         # Validation only learns the threshold and min/max normalisation (no early stopping), so
@@ -84,10 +78,10 @@ def make_engine(params: dict[str, Any], model_name: str, scratch: Path, callback
 
 def train(
     model_name: str,
-    params: dict[str, Any],
+    params: Params | Mapping[str, Any],
     dataset: Path,
     out_dir: Path,
-    work_dir: Path = REPO_ROOT / "build" / "engine",
+    work_dir: Path = REPO_ROOT / ENGINE_DIR,
 ) -> dict[str, Any]:
     """Fit ``model_name`` and write ``model.ckpt`` + ``train.json`` into ``out_dir``; return the record.
 
@@ -95,7 +89,8 @@ def train(
     """
     from anomalib.callbacks.checkpoint import ModelCheckpoint
 
-    seed_everything(int(params["seed"]))
+    params = as_params(params)
+    seed_everything(params.need("seed"))
     quiet_third_party_warnings()
     model = build_model(model_name, params)
     datamodule = build_datamodule(params, dataset)
@@ -135,7 +130,7 @@ def train(
         "input_normalization": input_normalization(model),  # backbone.normalize, as the model applies it
         "checkpoint": str(ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt),
     }
-    (out_dir / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -143,13 +138,12 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a key of params.yaml: models")
-    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
-    parser.add_argument("--dataset", type=Path, default=REPO_ROOT / "build" / "dataset")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "models")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--dataset", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--out", type=Path, default=Path(MODELS_DIR), help="gets <model>/")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     model_params(args.model, params)  # fail on bad params before importing torch
-    accelerator(params)
     record = train(args.model, params, args.dataset, args.out / args.model)
     print(json.dumps(record, indent=2))
 

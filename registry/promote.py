@@ -41,14 +41,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from config.params import Params, as_params
 from core.contract import SCHEMA_VERSION, input_block, load_metadata
 from core.files import sha256_file, swap_directory
-from core.preprocess import PreprocessError, check_policy, model_input
+from core.preprocess import PreprocessError, check_resize, model_input
+from experiments.artifacts import DATASET_DIR, EVAL_DIR, REGISTRY_DIR
 from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
 from experiments.runtime import stage_main
 from registry.quantize import INT8_FILE, QuantizeError, QuantizeSettings, mlflow_metrics, quantize_and_gate
 from registry.rule import SelectionError
-from registry.select import EvalSummary, RegistryError, _read_json, alias_version, registry_params
+from registry.select import (
+    CHAMPION_FILE,
+    EvalSummary,
+    RegistryError,
+    _read_json,
+    alias_version,
+    registry_params,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,13 +95,15 @@ def _image_size(summary: EvalSummary) -> tuple[int, int]:
     raise PromoteError(f"{summary.path}: image_size must be a positive int or [height, width], got {raw!r}")
 
 
-def _geometry(summary: EvalSummary) -> str:
-    """The resize policy the champion was trained and evaluated with (``summary.json: resize``).
+#: What a summary.json written before the resize policy was recorded was evaluated with: a plain
+#: stretch. A fact about old files (not a default of the policy, which is data.resize's).
+LEGACY_SUMMARY_RESIZE = "stretch"
 
-    Summaries written before the policy was recorded were evaluated with a plain stretch.
-    """
+
+def _resize(summary: EvalSummary) -> str:
+    """The resize policy the champion was trained and evaluated with (``summary.json: resize``)."""
     try:
-        return check_policy(summary.get("resize", "stretch"), f"{summary.path}: resize")
+        return check_resize(summary.get("resize", LEGACY_SUMMARY_RESIZE), f"{summary.path}: resize")
     except PreprocessError as exc:
         raise PromoteError(str(exc)) from exc
 
@@ -202,9 +213,7 @@ def download_onnx(client: MlflowClient, name: str, alias: str, version: str, dst
     return out
 
 
-def load_images(
-    dataset: Path, n: int, size: tuple[int, int], geometry: str = "stretch"
-) -> list[tuple[str, np.ndarray]]:
+def load_images(dataset: Path, n: int, size: tuple[int, int], resize: str) -> list[tuple[str, np.ndarray]]:
     """Up to ``n`` test images (half good, half defect, sorted) as ``float32[1,3,H,W]`` RGB in [0, 1].
 
     Prepared by :func:`core.preprocess.model_input` with the champion's resize policy: the
@@ -227,7 +236,7 @@ def load_images(
     arrays = []
     for path in picked:
         with Image.open(path) as im:
-            arrays.append((str(path), model_input(im, size, geometry)))
+            arrays.append((str(path), model_input(im, size, resize)))
     return arrays
 
 
@@ -248,7 +257,7 @@ def verify(
     dataset: Path,
     n: int,
     atol: float,
-    geometry: str = "stretch",
+    resize: str,
 ) -> str:
     """Check input spec and outputs, and ``pred_score`` against the evaluated export; return input name."""
     import numpy as np
@@ -272,7 +281,7 @@ def verify(
     ref = _session(reference)
     ref_input = ref.get_inputs()[0].name
     worst = 0.0
-    for path, x in load_images(dataset, n, size, geometry):
+    for path, x in load_images(dataset, n, size, resize):
         got = np.asarray(sess.run([SCORE_OUTPUT], {inp.name: x})[0], dtype=np.float64).ravel()
         want = np.asarray(ref.run([SCORE_OUTPUT], {ref_input: x})[0], dtype=np.float64).ravel()
         if got.shape != want.shape or not np.all(np.isfinite(got)):
@@ -311,7 +320,7 @@ def build_metadata(
         "registered_model": name,
         "registry_version": str(version.version),
         "run_id": summary.run_id,
-        "input": input_block(input_name, size[0], size[1], _geometry(summary)),
+        "input": input_block(input_name, size[0], size[1], _resize(summary)),
         "normalisation": _normalisation(summary),
         "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
         "threshold": _finite_number(summary, "threshold"),
@@ -327,7 +336,7 @@ def build_int8(
     staged: Path,
     dataset: Path,
     size: tuple[int, int],
-    geometry: str,
+    resize: str,
     settings: QuantizeSettings,
     threshold: float = 0.5,
 ) -> dict[str, Any]:
@@ -338,7 +347,7 @@ def build_int8(
     """
     target = staged / INT8_FILE
     try:
-        block = quantize_and_gate(staged / MODEL_FILE, target, dataset, size, geometry, settings, threshold)
+        block = quantize_and_gate(staged / MODEL_FILE, target, dataset, size, resize, settings, threshold)
     except QuantizeError as exc:
         target.unlink(missing_ok=True)
         log.warning("INT8 not produced: %s", exc)
@@ -377,7 +386,7 @@ def validate_model_dir(model_dir: Path) -> None:
 
 
 def promote(
-    params: Mapping[str, Any],
+    params: Params | Mapping[str, Any],
     *,
     out: Path,
     eval_dir: Path,
@@ -388,16 +397,15 @@ def promote(
     champion_file: Path | None = None,
 ) -> dict[str, Any]:
     """The whole stage; returns the metadata written to ``out/metadata.json``."""
+    params = as_params(params)
     name, alias = registry_params(params)
     quantize = QuantizeSettings.from_params(params)
-    models = params.get("models")
-    if not isinstance(models, Mapping) or not models:
-        raise PromoteError("params.yaml: models must be a non-empty mapping")
+    models = params.model_names
     if client is None:
         from registry.mlflow_client import get_client
 
         client = get_client()
-    version, summary = resolve_champion(client, name, alias, eval_dir, list(models))
+    version, summary = resolve_champion(client, name, alias, eval_dir, models)
     check_champion_file(champion_file, version)
     size = _image_size(summary)
     log.info(
@@ -416,7 +424,7 @@ def promote(
         with tempfile.TemporaryDirectory(prefix="promote-download-") as tmp:
             model_file = download_onnx(client, name, alias, str(version.version), Path(tmp))
             reference = eval_dir / summary.model / "onnx" / MODEL_FILE
-            input_name = verify(model_file, reference, size, dataset, n_images, atol, _geometry(summary))
+            input_name = verify(model_file, reference, size, dataset, n_images, atol, _resize(summary))
             shutil.copyfile(model_file, staged / MODEL_FILE)
         metadata = build_metadata(
             model_path=staged / MODEL_FILE,
@@ -428,7 +436,7 @@ def promote(
         )
         if quantize.enabled:
             metadata["int8"] = build_int8(
-                staged, dataset, size, _geometry(summary), quantize, metadata["threshold"]
+                staged, dataset, size, _resize(summary), quantize, metadata["threshold"]
             )
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         # mkdtemp makes the folder 0700; the Lambda image runs as a non-root user and must read it.
@@ -474,16 +482,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="default: $REGISTRY_PROMOTE_OUT or serving.model_dir"
     )
-    parser.add_argument("--eval-dir", type=Path, default=Path("build/eval"))
-    parser.add_argument("--dataset", type=Path, default=Path("build/dataset"))
-    parser.add_argument("--champion", type=Path, default=Path("build/registry/champion.json"))
+    parser.add_argument("--eval-dir", type=Path, default=Path(EVAL_DIR))
+    parser.add_argument("--dataset", type=Path, default=Path(DATASET_DIR))
+    parser.add_argument("--champion", type=Path, default=Path(REGISTRY_DIR, CHAMPION_FILE))
     parser.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES)
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
-        out = args.out or os.environ.get(OUT_ENV) or (params.get("serving") or {}).get("model_dir")
+        out = args.out or os.environ.get(OUT_ENV) or (params.serving and params.serving.model_dir)
         if not out:
             raise PromoteError("no output directory: pass --out or set params.yaml serving.model_dir")
         metadata = promote(

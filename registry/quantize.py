@@ -26,7 +26,7 @@ outputs).
 
 Torch-free: onnx, onnxruntime, numpy, Pillow, scikit-learn (and scipy for pixel metrics).
 Usage (a quick look outside the pipeline): ``python -m registry.quantize MODEL.onnx OUT.onnx
-[--dataset build/dataset] [--params params.yaml] [--size 256] [--geometry letterbox]``.
+[--dataset build/dataset] [--params params.yaml] [--size 256] [--resize letterbox]``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from config.params import ParamsError
-from core.preprocess import model_input
+from config.params import Params, QuantizeSection, as_params
+from core.preprocess import DEFAULT_RESIZE, RESIZE_POLICIES, model_input
 from experiments.datamodule import defect_dirs
 
 INT8_FILE = "model.int8.onnx"
@@ -63,42 +63,14 @@ class QuantizeError(RuntimeError):
     """The INT8 model could not be produced or measured; the message says why."""
 
 
-@dataclass(frozen=True)
-class QuantizeSettings:
-    """``params.yaml: quantize`` (absent = disabled, so older params files keep their behaviour)."""
-
-    enabled: bool = False
-    max_image_auroc_drop: float = 0.005
-    max_pixel_auroc_drop: float = 0.01
-    calibration_images: int = 32
+class QuantizeSettings(QuantizeSection):
+    """``params.yaml: quantize``, typed once in :mod:`config.params` (absent = disabled, so older params
+    files keep their behaviour); this subclass only adds the reader the stages call."""
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> QuantizeSettings:
-        """The one place that reads the ``quantize`` section; each bad value is an error naming its key."""
-        raw = params.get("quantize")
-        if raw is None:
-            return cls()
-        if not isinstance(raw, Mapping):
-            raise ParamsError(f"params.yaml: quantize must be a mapping, got {raw!r}")
-        allowed = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ParamsError(
-                f"params.yaml: quantize has unknown key(s) {unknown}; allowed: {sorted(allowed)}"
-            )
-        enabled = raw.get("enabled", False)
-        if not isinstance(enabled, bool):
-            raise ParamsError(f"params.yaml: quantize.enabled must be true or false, got {enabled!r}")
-        drops = {}
-        for key in ("max_image_auroc_drop", "max_pixel_auroc_drop"):
-            value = raw.get(key, getattr(cls, key))
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ParamsError(f"params.yaml: quantize.{key} must be a number in [0, 1), got {value!r}")
-            drops[key] = float(value)
-        count = raw.get("calibration_images", cls.calibration_images)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ParamsError(f"params.yaml: quantize.calibration_images must be an int >= 1, got {count!r}")
-        return cls(enabled=enabled, calibration_images=count, **drops)
+    def from_params(cls, params: Params | Mapping[str, Any]) -> QuantizeSettings:
+        """The ``quantize`` section of ``params`` (a bad value is one line naming its key)."""
+        return cls.model_validate(as_params(params).quantize.model_dump())
 
 
 @dataclass(frozen=True)
@@ -131,12 +103,12 @@ def validation_samples(dataset: Path) -> list[Sample]:
     return samples
 
 
-def load_input(path: Path, size: tuple[int, int], geometry: str) -> np.ndarray:
+def load_input(path: Path, size: tuple[int, int], resize: str) -> np.ndarray:
     """``float32[1,3,H,W]`` exactly as serving prepares it (:func:`core.preprocess.model_input`)."""
     from PIL import Image
 
     with Image.open(path) as image:
-        return model_input(image, size, geometry)
+        return model_input(image, size, resize)
 
 
 def _calibration_reader(inputs: list[np.ndarray], input_name: str) -> Any:
@@ -302,7 +274,7 @@ class SplitScores:
     pixel_auroc: float | None
 
 
-def score_split(model: Path, samples: Sequence[Sample], size: tuple[int, int], geometry: str) -> SplitScores:
+def score_split(model: Path, samples: Sequence[Sample], size: tuple[int, int], resize: str) -> SplitScores:
     """Score every sample through serving's session builder; image AUROC and (masks) pixel AUROC."""
     from sklearn.metrics import roc_auc_score
 
@@ -320,7 +292,7 @@ def score_split(model: Path, samples: Sequence[Sample], size: tuple[int, int], g
     scores: list[float] = []
     for sample in samples:
         score, amap = session.run(
-            [SCORE_OUTPUT, MAP_OUTPUT], {input_name: load_input(sample.path, size, geometry)}
+            [SCORE_OUTPUT, MAP_OUTPUT], {input_name: load_input(sample.path, size, resize)}
         )
         value = float(np.asarray(score, dtype=np.float64).reshape(-1)[0])
         if not math.isfinite(value):
@@ -331,7 +303,7 @@ def score_split(model: Path, samples: Sequence[Sample], size: tuple[int, int], g
                 from PIL import Image
 
                 with Image.open(sample.mask) as im:
-                    mask = fit_mask(im, size, geometry)
+                    mask = fit_mask(im, size, resize)
             else:
                 mask = np.zeros(size, dtype=np.uint8)  # a normal image: every pixel is negative
             pixel.update(np.asarray(amap).reshape(size), mask)
@@ -403,7 +375,7 @@ def quantize_and_gate(
     out: Path,
     dataset: Path,
     size: tuple[int, int],
-    geometry: str,
+    resize: str,
     settings: QuantizeSettings,
     threshold: float = 0.5,
 ) -> dict[str, Any]:
@@ -420,10 +392,10 @@ def quantize_and_gate(
     normals = [s for s in samples if s.label == 0]
     if not normals:
         raise QuantizeError(f"{dataset / 'val' / 'good'}: no validation normals to calibrate on")
-    calibration = [load_input(s.path, size, geometry) for s in normals[: settings.calibration_images]]
+    calibration = [load_input(s.path, size, resize) for s in normals[: settings.calibration_images]]
     quantize_model(fp32, out, calibration)
-    before = score_split(fp32, samples, size, geometry)
-    after = score_split(out, samples, size, geometry)
+    before = score_split(fp32, samples, size, resize)
+    after = score_split(out, samples, size, resize)
     gate = apply_gate(before, after, settings)
     if not gate.passed:
         out.unlink(missing_ok=True)
@@ -461,11 +433,11 @@ def _main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--dataset", type=Path, default=Path("build/dataset"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--geometry", default="letterbox")
+    parser.add_argument("--resize", default=DEFAULT_RESIZE, choices=RESIZE_POLICIES)
     args = parser.parse_args(list(argv) if argv is not None else None)
     settings = QuantizeSettings.from_params(load_params(args.params))
     block = quantize_and_gate(
-        args.model, args.out, args.dataset, (args.size, args.size), args.geometry, settings
+        args.model, args.out, args.dataset, (args.size, args.size), args.resize, settings
     )
     print(json.dumps(block, indent=2))
     return 0 if block["passed_gate"] else 1

@@ -28,18 +28,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: Metrics the rule may rank by; all of them are higher-is-better (see docs/contracts.md §3).
-HIGHER_IS_BETTER: tuple[str, ...] = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_AUPRO")
-#: Costs usable as the tie-breaker; lower is better.
-LOWER_IS_BETTER: tuple[str, ...] = ("latency_ms", "model_size_mb", "torch_latency_ms")
-#: Default ceiling on |ONNX - torch| of pred_score; matches what the evaluation stage reports as sane.
-DEFAULT_MAX_ONNX_ABS_DIFF = 1e-3
+from config.params import SELECTION_METRICS, TIE_BREAKERS, ParamsError, SelectionSection, parse
+
+#: Metrics the rule may rank by (higher is better) and costs it may break ties by (lower is better):
+#: defined with the typed ``selection`` section (config.params), which allows exactly these.
+HIGHER_IS_BETTER: tuple[str, ...] = SELECTION_METRICS
+LOWER_IS_BETTER: tuple[str, ...] = TIE_BREAKERS
+#: Default ceiling on |ONNX - torch| of pred_score: the typed section's default.
+DEFAULT_MAX_ONNX_ABS_DIFF = SelectionSection.model_fields["max_onnx_abs_diff"].default
 #: Float slack so that a difference of exactly ``tie_tolerance`` still counts as a tie.
 _EPS = 1e-12
-
-_KNOWN_KEYS = frozenset(
-    {"metric", "tie_tolerance", "tie_breaker", "max_latency_ms", "max_size_mb", "max_onnx_abs_diff"}
-)
 
 
 class SelectionError(ValueError):
@@ -54,16 +52,12 @@ class NoEligibleCandidateError(SelectionError):
         self.verdicts = verdicts
 
 
-@dataclass(frozen=True)
-class SelectionRule:
-    """Validated ``params.yaml: selection``."""
+class SelectionRule(SelectionSection):
+    """Validated ``params.yaml: selection`` (the typed section, plus what the rule derives from it).
 
-    metric: str
-    tie_tolerance: float = 0.0
-    tie_breaker: str = "latency_ms"
-    max_latency_ms: float | None = None
-    max_size_mb: float | None = None
-    max_onnx_abs_diff: float | None = DEFAULT_MAX_ONNX_ABS_DIFF
+    Unknown keys are errors rather than ignored, because a typo such as ``max_latancy_ms`` would
+    otherwise silently disable a production ceiling.
+    """
 
     @property
     def secondary_breaker(self) -> str:
@@ -71,61 +65,18 @@ class SelectionRule:
         return "model_size_mb" if self.tie_breaker != "model_size_mb" else "latency_ms"
 
     @classmethod
-    def from_params(cls, selection: Mapping[str, Any]) -> SelectionRule:
-        """Build the rule from the ``selection`` mapping, rejecting anything ambiguous.
-
-        Unknown keys are errors rather than ignored, because a typo such as ``max_latancy_ms``
-        would otherwise silently disable a production ceiling.
-        """
-        if not isinstance(selection, Mapping):
-            raise SelectionError(f"params.yaml: selection must be a mapping, got {type(selection).__name__}")
-        unknown = sorted(set(selection) - _KNOWN_KEYS)
-        if unknown:
-            raise SelectionError(
-                f"params.yaml: selection has unknown key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}"
-            )
-        if "metric" not in selection:
-            raise SelectionError("params.yaml: selection.metric is required")
-        metric = selection["metric"]
-        if metric not in HIGHER_IS_BETTER:
-            raise SelectionError(
-                f"params.yaml: selection.metric {metric!r} is not a known higher-is-better metric "
-                f"{list(HIGHER_IS_BETTER)}"
-            )
-        tie_breaker = selection.get("tie_breaker", "latency_ms")
-        if tie_breaker not in LOWER_IS_BETTER:
-            raise SelectionError(
-                f"params.yaml: selection.tie_breaker {tie_breaker!r} must be one of {list(LOWER_IS_BETTER)}"
-            )
-        tol = _number(selection.get("tie_tolerance", 0.0), "tie_tolerance", allow_zero=True)
-        max_diff_raw = selection.get("max_onnx_abs_diff", DEFAULT_MAX_ONNX_ABS_DIFF)
-        return cls(
-            metric=metric,
-            tie_tolerance=tol,
-            tie_breaker=tie_breaker,
-            max_latency_ms=_optional_ceiling(selection.get("max_latency_ms"), "max_latency_ms"),
-            max_size_mb=_optional_ceiling(selection.get("max_size_mb"), "max_size_mb"),
-            max_onnx_abs_diff=(
-                None if max_diff_raw is None else _number(max_diff_raw, "max_onnx_abs_diff", allow_zero=True)
-            ),
-        )
+    def from_params(cls, selection: Mapping[str, Any] | SelectionSection) -> SelectionRule:
+        """The rule of a ``selection`` section (a mapping is validated; errors are SelectionError)."""
+        if isinstance(selection, SelectionSection):
+            selection = selection.model_dump()
+        try:
+            return parse(cls, selection, "selection")
+        except ParamsError as exc:
+            raise SelectionError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, recorded in selection.json so the decision can be re-derived."""
-        return asdict(self)
-
-
-def _number(value: Any, key: str, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SelectionError(f"params.yaml: selection.{key} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise SelectionError(f"params.yaml: selection.{key} must be {bound}, got {value!r}")
-    return float(value)
-
-
-def _optional_ceiling(value: Any, key: str) -> float | None:
-    return None if value is None else _number(value, key, allow_zero=False)
+        return self.model_dump()
 
 
 @dataclass(frozen=True)

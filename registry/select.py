@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from config.params import Params, as_params
+from experiments.artifacts import EVAL_DIR, REGISTRY_DIR
 from experiments.runtime import stage_main
 from registry.rule import (
     Candidate,
@@ -137,24 +139,18 @@ def load_summaries(eval_dir: Path, models: Sequence[str]) -> dict[str, EvalSumma
     return {name: load_summary(eval_dir, name) for name in sorted(models)}
 
 
-def registry_params(params: Mapping[str, Any]) -> tuple[str, str]:
-    """``(registry.model_name, registry.alias)``, validated so filter strings cannot be broken."""
-    reg = params.get("registry")
-    if not isinstance(reg, Mapping):
-        raise SelectionError("params.yaml: registry must be a mapping with model_name and alias")
-    name, alias = reg.get("model_name"), reg.get("alias", "champion")
-    for key, value in (("model_name", name), ("alias", alias)):
-        if not isinstance(value, str) or not value.strip() or any(c in value for c in "'\"\\"):
-            raise SelectionError(f"params.yaml: registry.{key} must be a non-empty string without quotes")
-    return name, alias
+def registry_params(params: Params | Mapping[str, Any]) -> tuple[str, str]:
+    """``(registry.model_name, registry.alias)`` (typed: quotes, which would break MLflow's filter
+    strings, are refused by the section)."""
+    registry = as_params(params).need("registry")
+    return registry.model_name, registry.alias
 
 
-def choose(params: Mapping[str, Any], eval_dir: Path) -> tuple[Selection, dict[str, EvalSummary]]:
+def choose(params: Params | Mapping[str, Any], eval_dir: Path) -> tuple[Selection, dict[str, EvalSummary]]:
     """Apply the selection rule to the evaluated models named in params."""
-    rule = SelectionRule.from_params(params.get("selection") or {})
-    models = params.get("models")
-    if not isinstance(models, Mapping):
-        raise SelectionError("params.yaml: models must be a mapping of model name -> settings")
+    params = as_params(params)
+    rule = SelectionRule.from_params(params.need("selection"))
+    models = params.model_names
     summaries = load_summaries(eval_dir, list(models))
     selection = select([Candidate(n, s.metrics) for n, s in summaries.items()], rule)
     return selection, summaries
@@ -454,7 +450,7 @@ def _register_locked(
 
 
 def run(
-    params: Mapping[str, Any],
+    params: Params | Mapping[str, Any],
     *,
     eval_dir: Path,
     out_dir: Path,
@@ -466,6 +462,7 @@ def run(
     When no candidate is eligible, selection.json still records every verdict (champion ``null``)
     so the failed stage leaves the explanation behind, and the error propagates.
     """
+    params = as_params(params)
     model_name, alias = registry_params(params)  # validate before any side effect
     try:
         selection, summaries = choose(params, eval_dir)
@@ -474,7 +471,7 @@ def run(
             out_dir / SELECTION_FILE,
             {
                 "schema_version": 1,
-                "rule": SelectionRule.from_params(params.get("selection") or {}).to_dict(),
+                "rule": SelectionRule.from_params(params.need("selection")).to_dict(),
                 "champion": None,
                 "reason": str(exc),
                 "candidates": [v.to_dict() for v in exc.verdicts],
@@ -503,8 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--eval-dir", type=Path, default=Path("build/eval"))
-    parser.add_argument("--out-dir", type=Path, default=Path("build/registry"))
+    parser.add_argument("--eval-dir", type=Path, default=Path(EVAL_DIR))
+    parser.add_argument("--out-dir", type=Path, default=Path(REGISTRY_DIR))
     parser.add_argument(
         "--no-register", action="store_true", help="only apply the rule and write selection.json"
     )

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config.paths import REPO_ROOT
+from config.params import load_params
+from config.paths import PARAMS_FILE, REPO_ROOT
 from config.tracking_uri import tracking_uri as resolved_tracking_uri
 from core.contract import ModelMetadata, ModelMetadataError, load_metadata
 from core.files import sha256_file
@@ -69,14 +70,6 @@ class RegistryLogin:
     registry: str
     username: str
     password: str
-
-
-def read_params(path: Path = REPO_ROOT / "params.yaml") -> dict[str, Any]:
-    """``params.yaml`` is the single place for names such as the registered model name."""
-    import yaml
-
-    with path.open() as fh:
-        return yaml.safe_load(fh)
 
 
 def load_promoted(model_dir: Path) -> ModelMetadata:
@@ -349,13 +342,13 @@ def plan_release(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 released, 2 refused by a check (nothing pushed), 1 AWS/Docker failure."""
-    params = read_params()
-    registry = params.get("registry", {})
+    # params.yaml is the single place for names such as the registered model name.
+    params = load_params(PARAMS_FILE)
     parser = argparse.ArgumentParser(prog="python -m release.publish", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="check and print every step only")
-    parser.add_argument("--repository", default=registry.get("model_name", "visual-inspection"))
+    parser.add_argument("--repository", default=params.need("registry").model_name)
     parser.add_argument("--region", default=None, help="AWS region (default: AWS_REGION / AWS config)")
-    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / params["serving"]["model_dir"])
+    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / params.need("serving").model_dir)
     parser.add_argument("--docker", default="docker", help="docker CLI executable")
     parser.add_argument("--stage", default="dev", help="stage to deploy (params.yaml deploy.stages)")
     parser.add_argument(
@@ -383,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             repository=args.repository,
             region=args.region,
             tracking_uri=tracking_uri,
-            model_name=registry.get("model_name", "visual-inspection"),
-            alias=registry.get("alias", "champion"),
+            model_name=params.need("registry").model_name,
+            alias=params.need("registry").alias,
             dry_run=args.dry_run,
             docker=args.docker,
             platform=stage.docker_platform,

@@ -19,7 +19,7 @@ from config.paths import REPO_ROOT
 # arrow. The order of this dict is the order of the floors, ground floor first.
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
-    "config": set(),
+    "config": {"core"},  # params.yaml's types use core's definitions (e.g. the resize policies)
     "serving": {"core"},
     "edge": {"core", "serving"},
     "experiments": {"core", "config"},

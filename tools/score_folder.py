@@ -100,7 +100,7 @@ def score_images(
             if overlays:
                 target = out_dir / "overlays" / Path(rel).with_suffix(".png")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(overlay(image, result.anomaly_map, geometry=result.geometry))
+                target.write_bytes(overlay(image, result.anomaly_map, resize=result.resize))
                 row["overlay"] = target.relative_to(out_dir).as_posix()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, ScoringError) as exc:
             row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from config.params import ParamsError
-from experiments.models import model_params, resize_policy
+from config.params import ParamsError, as_params
+from experiments.models import model_params
 
 PARAMS = {
     "seed": 42,
-    "data": {"image_size": 64},
+    "data": {"root": "data", "image_size": 64, "max_train": 8, "max_test_good": 4, "max_test_defect": 4},
     "backbone": {"name": "tf_efficientnet_lite0"},
     "train": {"batch_size": 4, "num_workers": 0, "accelerator": "auto"},
     "models": {
@@ -75,7 +75,7 @@ def hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"name": ""}, "must be a timm model name"),
         (
             {"name": "tf_efficientnet_lite0", "normalize": "zscore"},
-            r"backbone\.normalize must be one of backbone, imagenet",
+            r"backbone\.normalize: must be one of backbone, imagenet \(got 'zscore'\)",
         ),
     ],
 )
@@ -112,15 +112,15 @@ def test_train_stage_turns_a_missing_weights_file_into_one_line(tmp_path: Path) 
 
 
 def test_accelerator_and_resize_policy_are_validated() -> None:
-    from experiments.train import accelerator
-
-    assert accelerator(_params()) == "auto"
-    assert accelerator(_params(train={})) == "auto"
-    with pytest.raises(ParamsError, match=r"train\.accelerator must be one of"):
-        accelerator(_params(train={"accelerator": "tpu-pod"}))
-    assert resize_policy(_params()) == "letterbox"  # the stated default
-    with pytest.raises(ParamsError, match=r"data\.resize must be one of letterbox, stretch, center_crop"):
-        resize_policy(_params(data={"image_size": 64, "resize": "fit"}))
+    assert as_params(_params()).train.accelerator == "auto"
+    assert as_params(_params(train={})).train.accelerator == "auto"
+    with pytest.raises(ParamsError, match=r"train\.accelerator: must be one of auto, cpu"):
+        as_params(_params(train={"accelerator": "tpu-pod"}))
+    assert as_params(_params()).need("data").resize == "letterbox"  # the stated default
+    bad = _params()
+    bad["data"] = {**bad["data"], "resize": "fit"}
+    with pytest.raises(ParamsError, match=r"data\.resize: must be one of letterbox, stretch, center_crop"):
+        as_params(bad)
 
 
 def test_pre_processor_normalises_with_the_backbones_own_statistics() -> None:
@@ -152,7 +152,7 @@ def test_new_models_validate_their_params() -> None:
     assert model_params("supersimplenet", _params())["perlin_threshold"] == 0.2
     bad = _params()
     bad["models"]["fre"] = {"layer": "blocks.4", "pooling_kernel_size": 8}
-    with pytest.raises(ParamsError, match=r"models\.fre\.pooling_kernel_size = 8 leaves no feature map"):
+    with pytest.raises(ParamsError, match=r"models\.fre\.pooling_kernel_size: 8 leaves no feature map"):
         model_params("fre", bad)
     bad["models"]["supersimplenet"] = {"layers": ["blocks.9"]}
     with pytest.raises(ParamsError, match=r"unknown layer 'blocks\.9'"):

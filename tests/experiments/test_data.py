@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from config.params import ParamsError, load_params
+from config.params import ParamsError, as_params, load_params
 from config.paths import REPO_ROOT as REPO
 from experiments import make_data, prepare
 from experiments.data_validation import (
@@ -18,7 +18,6 @@ from experiments.data_validation import (
     recorded_md5,
     scan_layout,
     select_subset,
-    validate_data_params,
 )
 
 
@@ -186,20 +185,20 @@ def test_full_default_data_matches_committed_data_dvc(tmp_path: Path) -> None:
 
 
 def test_load_params_reads_the_repo_params() -> None:
-    params = validate_data_params(load_params(REPO / "params.yaml"))
-    assert params.image_size % 32 == 0 and params.root == Path("data")
+    params = load_params(REPO / "params.yaml").need("data")
+    assert params.image_size % 32 == 0 and Path(params.root) == Path("data")
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"max_train": -1}, "data.max_train must be >= 1"),
-        ({"max_test_good": 0}, "data.max_test_good must be >= 1"),
-        ({"max_test_defect": "10"}, "data.max_test_defect must be an integer"),
-        ({"image_size": 100}, "data.image_size must be a positive multiple of 32"),
-        ({"image_size": 0}, "data.image_size must be >= 1"),
-        ({"image_size": True}, "data.image_size must be an integer"),
-        ({"root": ""}, "data.root must be a non-empty path"),
+        ({"max_train": -1}, "data.max_train: must be an integer >= 1 (got -1)"),
+        ({"max_test_good": 0}, "data.max_test_good: must be an integer >= 1 (got 0)"),
+        ({"max_test_defect": "10"}, "data.max_test_defect: must be an integer >= 1 (got '10')"),
+        ({"image_size": 100}, "data.image_size: must be an integer >= 32 and a multiple of 32 (got 100)"),
+        ({"image_size": 0}, "data.image_size: must be an integer >= 32 and a multiple of 32 (got 0)"),
+        ({"image_size": True}, "data.image_size: must be an integer >= 32 and a multiple of 32 (got True)"),
+        ({"root": ""}, "data.root: must be a non-empty path (got '')"),
     ],
 )
 def test_bad_params_fail_naming_the_key(
@@ -211,12 +210,13 @@ def test_bad_params_fail_naming_the_key(
 
 
 def test_missing_params_sections(tmp_path: Path) -> None:
+    data = {"root": "data", "image_size": 64, "max_train": 5, "max_test_good": 3, "max_test_defect": 3}
     with pytest.raises(ParamsError, match="missing seed"):
-        validate_data_params({"data": {}})
+        as_params({"data": data}).need("seed")
     with pytest.raises(ParamsError, match="'data' section"):
-        validate_data_params({"seed": 1})
+        as_params({"seed": 1}).need("data")
     with pytest.raises(ParamsError, match=r"missing data\.max_train"):
-        validate_data_params({"seed": 1, "data": {"root": "data", "image_size": 64}})
+        as_params({"seed": 1, "data": {"root": "data", "image_size": 64}})
     with pytest.raises(ParamsError, match=r"nope\.yaml"):
         load_params(tmp_path / "nope.yaml")
 

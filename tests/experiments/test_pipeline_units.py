@@ -20,7 +20,7 @@ from experiments.models import model_params
 
 BASE_PARAMS = {
     "seed": 42,
-    "data": {"image_size": 64},
+    "data": {"root": "data", "image_size": 64, "max_train": 8, "max_test_good": 4, "max_test_defect": 4},
     "backbone": {"name": "tf_efficientnet_lite0"},
     "train": {"batch_size": 4, "num_workers": 0},
     "models": {
@@ -103,12 +103,16 @@ def test_backbone_conversion_rejects_mismatched_tensors() -> None:
         (
             "padim",
             _params(padim={"layers": ["blocks.1"], "n_features": 0}),
-            r"n_features must be an integer >= 1",
+            r"models\.padim\.n_features: must be an integer >= 1 \(got 0\)",
         ),
         ("padim", _params(padim={"layers": [], "n_features": 8}), "non-empty list"),
         ("patchcore", _params(patchcore={"layers": ["blocks.4"], "coreset_sampling_ratio": 0}), r"\(0, 1\]"),
         ("stfpm", _params(stfpm={"layers": ["blocks.1"], "epochs": 3}), r"unknown key\(s\) \['epochs'\]"),
-        ("dfm", _params(dfm={"layer": "blocks.4", "score_type": "l2"}), "score_type must be one of"),
+        (
+            "dfm",
+            _params(dfm={"layer": "blocks.4", "score_type": "l2"}),
+            r"models\.dfm\.score_type: must be one of fre, nll \(got 'l2'\)",
+        ),
         ("dfm", _params(dfm={"layer": ["blocks.2", "blocks.4"]}), "single layer"),
     ],
 )

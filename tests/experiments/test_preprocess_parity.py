@@ -60,10 +60,11 @@ def letterboxed(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _train(policy: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if policy in _CACHE:
         return _CACHE[policy]
+    from experiments.artifacts import CHECKPOINT_NAME
     from experiments.export import export_onnx
     from experiments.models import build_model
     from experiments.prepare import prepare
-    from experiments.train import CHECKPOINT_NAME, train
+    from experiments.train import train
     from tools.tiny_model import elpv_samples
 
     tmp = tmp_path_factory.mktemp(f"parity-{policy}")
@@ -147,7 +148,7 @@ def test_training_and_serving_paths_give_the_same_score(trained: dict) -> None:
 
     policy = trained["policy"]
     scorer = Scorer.from_dir(_serving_dir(trained), intra_op_threads=1)
-    assert scorer.metadata.input.geometry == policy
+    assert scorer.metadata.input.resize == policy
     scores = []
     for raw in sorted((trained["data"] / "test").rglob("*.png")):
         assert Image.open(raw).size != (SIZE, SIZE)
@@ -189,6 +190,6 @@ def test_sixteen_bit_png_scores_like_its_8bit_twin(letterboxed: dict) -> None:
     assert abs(clipped.score - s8.score) > 0.1
     # the overlay draws the 16-bit picture, not white
     drawn = np.asarray(
-        Image.open(io.BytesIO(overlay(sixteen, s16.anomaly_map, alpha=0.0, geometry="letterbox")))
+        Image.open(io.BytesIO(overlay(sixteen, s16.anomaly_map, alpha=0.0, resize="letterbox")))
     )
     assert drawn.mean() < 250 and np.abs(drawn[..., 0].astype(int) - np.asarray(eight)).max() <= 1

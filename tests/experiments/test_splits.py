@@ -21,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from config.params import DataSection
 from experiments.data_validation import (
     DataLayout,
-    DataParams,
     DataValidationError,
     plan_splits,
     scan_layout,
@@ -110,7 +110,7 @@ def _plan(n_train: int, n_test_good: int, n_defect: int, **kw: object) -> object
     )
     values = {"max_train": 1000, "max_test_good": 100, "max_test_defect": 100, "max_val_good": 50}
     values |= {"val_defect_ratio": 0.5} | kw
-    return plan_splits(layout, DataParams(root=Path("data"), image_size=64, seed=1, **values))
+    return plan_splits(layout, DataSection(root="data", image_size=64, **values), seed=1)
 
 
 def test_split_plan_is_disjoint_and_bounded() -> None:

@@ -73,7 +73,7 @@ def test_cli_context_mistakes_are_one_line_before_synth(tmp_path: Path) -> None:
     bad = {"stage": "dev", "image_tag": "t", "timeout_s": "99"}
     proc = run_like_cdk(tmp_path / "out", bad, overflow=tmp_path / "ctx.json")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "infra: timeout_s 99: must be a number from 1 to 29"
+    assert proc.stderr.strip() == "infra: --context timeout_s: must be an integer from 1 to 29 (got 99)"
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

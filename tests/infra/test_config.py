@@ -53,23 +53,56 @@ def test_payload_limit_fits_what_api_gateway_can_hand_to_lambda() -> None:
         ({"image_tag": "a", "image_digest": "sha256:" + "0" * 64}, "not both"),
         ({"image_digest": "sha256:xyz"}, "expected sha256:<64 hex digits>"),
         ({"image_tag": "bad tag"}, "not a valid Docker tag"),
-        ({"image_tag": "t", "memory_mb": "lots"}, "memory_mb='lots': expected int"),
-        ({"image_tag": "t", "timeout_s": "60"}, "timeout_s 60: must be a number from 1 to 29"),
-        ({"image_tag": "t", "architecture": "riscv"}, "use x86_64 or arm64"),
+        (
+            {"image_tag": "t", "memory_mb": "lots"},
+            "--context memory_mb: must be an integer from 128 to 10240 (got 'lots')",
+        ),
+        (
+            {"image_tag": "t", "timeout_s": "60"},
+            "--context timeout_s: must be an integer from 1 to 29 (got 60)",
+        ),
+        (
+            {"image_tag": "t", "architecture": "riscv"},
+            "architecture: must be one of x86_64, arm64 (got 'riscv')",
+        ),
         ({"image_tag": "t", "provisioned_concurrency": "9", "reserved_concurrency": "2"}, "exceeds reserved"),
-        ({"image_tag": "t", "log_retention_days": "10"}, "CloudWatch accepts"),
+        (
+            {"image_tag": "t", "log_retention_days": "10"},
+            "log_retention_days: must be one of CloudWatch's retention periods",
+        ),
         ({"image_tag": "t", "results_prefix": "../x"}, "results_prefix"),
-        ({"image_tag": "t", "alarm_email": "nobody"}, "not an e-mail address"),
-        ({"image_tag": "t", "store_original": "maybe"}, "expected bool"),
+        (
+            {"image_tag": "t", "alarm_email": "nobody"},
+            "alarm_email: must be null or an e-mail address (got 'nobody')",
+        ),
+        (
+            {"image_tag": "t", "store_original": "maybe"},
+            "store_original: must be true or false (got 'maybe')",
+        ),
         ({"image_tag": "t", "memroy_mb": "1"}, "memroy_mb: unknown knob"),
         ({"image_tag": "t", "throttle_rate": "100"}, "throttle_rate 100 exceeds what reserved_concurrency 5"),
         ({"image_tag": "t", "throttle_burst": "6"}, "throttle_burst 6 exceeds reserved_concurrency 5"),
         ({"image_tag": "t", "reserved_concurrency": "null"}, "stage throttle cannot be derived"),
-        ({"image_tag": "t", "throttle_safety_factor": "1.5"}, "throttle_safety_factor 1.5"),
-        ({"image_tag": "t", "access_log_retention_days": "2"}, "access_log_retention_days 2: CloudWatch"),
-        ({"image_tag": "t", "termination_protection": "sure"}, "expected bool"),
-        ({"image_tag": "t", "reconcile_grace_hours": "0.5"}, "reconcile_grace_hours 0.5: must be a number"),
-        ({"image_tag": "t", "reconcile_every_hours": "0"}, "reconcile_every_hours 0: must be a number"),
+        (
+            {"image_tag": "t", "throttle_safety_factor": "1.5"},
+            "throttle_safety_factor: must be a number from 0.1 to 1 (got 1.5)",
+        ),
+        (
+            {"image_tag": "t", "access_log_retention_days": "2"},
+            "access_log_retention_days: must be one of CloudWatch's retention periods",
+        ),
+        (
+            {"image_tag": "t", "termination_protection": "sure"},
+            "termination_protection: must be true or false (got 'sure')",
+        ),
+        (
+            {"image_tag": "t", "reconcile_grace_hours": "0.5"},
+            "reconcile_grace_hours: must be null or a number from 1 to 8760 (got 0.5)",
+        ),
+        (
+            {"image_tag": "t", "reconcile_every_hours": "0"},
+            "reconcile_every_hours: must be an integer from 1 to 168 (got 0)",
+        ),
     ],
 )
 def test_bad_knobs_are_one_line_naming_the_fix(context: dict[str, str], message: str) -> None:
@@ -149,4 +182,7 @@ def test_deploy_dry_run_prints_a_synth_command_that_reproduces_the_config(
     assert deploy_main(["--stage", "prod", "--dry-run"]) == 2
     assert "no image" in capsys.readouterr().err
     assert synth_main(["--stage", "prod", "-c", "image_tag=t", "-c", "timeout_s=99"]) == 2
-    assert capsys.readouterr().err.strip() == "infra: timeout_s 99: must be a number from 1 to 29"
+    assert (
+        capsys.readouterr().err.strip()
+        == "infra: --context timeout_s: must be an integer from 1 to 29 (got 99)"
+    )

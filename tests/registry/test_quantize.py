@@ -32,7 +32,7 @@ from registry.quantize import (
 )
 
 SIZE = (64, 64)
-GEOMETRY = "stretch"  # what the tiny model's metadata says
+RESIZE = "stretch"  # what the tiny model's metadata says
 
 
 def _save_rgb(paths: list[Path], folder: Path) -> None:
@@ -72,7 +72,7 @@ def int8_model(serving_model_dir: Path, val_dataset: Path, tmp_path_factory: pyt
     normals = [s for s in validation_samples(val_dataset) if s.label == 0]
     out = tmp_path_factory.mktemp("int8") / INT8_FILE
     return quantize_model(
-        serving_model_dir / "model.onnx", out, [load_input(s.path, SIZE, GEOMETRY) for s in normals]
+        serving_model_dir / "model.onnx", out, [load_input(s.path, SIZE, RESIZE) for s in normals]
     )
 
 
@@ -172,7 +172,7 @@ def test_quantize_and_gate_measures_image_and_pixel_auroc(
 ) -> None:
     out = tmp_path / INT8_FILE
     settings = QuantizeSettings(enabled=True, calibration_images=4)
-    block = quantize_and_gate(serving_model_dir / "model.onnx", out, val_dataset, SIZE, GEOMETRY, settings)
+    block = quantize_and_gate(serving_model_dir / "model.onnx", out, val_dataset, SIZE, RESIZE, settings)
     assert block["n_val_images"] == 16 and block["n_calibration_images"] == 4
     assert 0.0 <= block["val_decision_agreement"] <= 1.0 and block["val_max_abs_score_diff"] >= 0.0
     for key in (
@@ -194,7 +194,7 @@ def test_refused_int8_model_is_deleted(serving_model_dir: Path, val_dataset: Pat
     shutil.copytree(val_dataset / "val" / "good", dataset / "val" / "good")
     out = tmp_path / INT8_FILE
     block = quantize_and_gate(
-        serving_model_dir / "model.onnx", out, dataset, SIZE, GEOMETRY, QuantizeSettings(enabled=True)
+        serving_model_dir / "model.onnx", out, dataset, SIZE, RESIZE, QuantizeSettings(enabled=True)
     )
     assert not block["passed_gate"] and "no defect image" in block["why"]
     assert block["val_image_AUROC_fp32"] is None and not out.exists()

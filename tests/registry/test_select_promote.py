@@ -376,7 +376,7 @@ def test_select_cli(ws3: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
     bad["selection"]["metric"] = "accuracy"
     params_file.write_text(yaml.safe_dump(bad))
     assert select_mod.main(argv) == 1
-    assert "not a known higher-is-better metric" in capsys.readouterr().err
+    assert "selection.metric: must be one of image_AUROC" in capsys.readouterr().err
 
 
 def test_promote_refuses_when_alias_missing(ws3: Workspace) -> None:

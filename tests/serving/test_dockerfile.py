@@ -19,7 +19,7 @@ import pytest
 
 from config.paths import REPO_ROOT as REPO
 from release import publish as release
-from tests.imports import project_imports
+from tools.imports import project_imports
 
 DOCKERFILE = REPO / "Dockerfile"
 FORBIDDEN_IN_IMAGE = {"torch", "torchvision", "anomalib", "lightning", "pytorch-lightning", "timm"}

@@ -15,7 +15,7 @@ from PIL import Image
 from core.preprocess import (
     RESIZE_POLICIES,
     PreprocessError,
-    check_policy,
+    check_resize,
     content_box,
     fit_image,
     fit_mask,
@@ -117,7 +117,7 @@ def test_out_of_range_int_image_is_refused_with_the_fix() -> None:
 
 def test_unknown_policy_is_named() -> None:
     with pytest.raises(PreprocessError, match="letterbox, stretch, center_crop; got 'squash'"):
-        check_policy("squash", "params.yaml: data.resize")
+        check_resize("squash", "params.yaml: data.resize")
     with pytest.raises(PreprocessError, match="squash"):
         fit_image(np.zeros((8, 8), np.uint8), 8, "squash")
 

@@ -361,7 +361,7 @@ def test_bad_deploy_knob_is_refused_before_anything_runs(
     env: Registry, promoted: Path, fake_docker: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     err = _refusal(promoted, capsys, "-c", "memory_mb=99999")
-    assert "memory_mb 99999: must be a number from 128 to 10240" in err
+    assert "--context memory_mb: must be an integer from 128 to 10240 (got 99999)" in err
     assert "unknown stage 'qa'" in _refusal(promoted, capsys, "--stage", "qa")
     assert not fake_docker.exists()
     assert boto3.client("ecr", region_name="us-east-1").describe_repositories()["repositories"] == []

@@ -51,7 +51,7 @@ def test_preprocess_contract(scorer: Scorer) -> None:
     assert batch.dtype == np.float32
     assert batch.flags["C_CONTIGUOUS"]
     # the fixture's metadata says letterbox (the default): 300x200 -> 64x43 of white, black bars
-    assert scorer.metadata.input.geometry == "letterbox"
+    assert scorer.metadata.input.resize == "letterbox"
     assert np.allclose(batch[:, :, 10:53], 1.0)
     assert np.allclose(batch[:, :, :10], 0.0) and np.allclose(batch[:, :, 53:], 0.0)
 

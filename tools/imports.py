@@ -1,8 +1,9 @@
-"""The project modules a module imports, transitively: one walker for the tests that need it.
+"""The project modules a module imports, transitively: one walker for everything that needs it.
 
-Used to check that the Lambda image copies every serving module the handler imports
-(tests/serving/test_dockerfile.py) and that every DVC stage lists the modules it runs as deps
-(tests/experiments/test_stage_deps.py). Follows imports anywhere in a file, including inside functions.
+``tools.dvc_yaml`` writes each DVC stage's code deps from it (every module a stage runs is a dep, so
+editing one reruns the stage); the tests use it to check that the Lambda image copies every serving
+module the handler imports (tests/serving/test_dockerfile.py). Follows imports anywhere in a file,
+including inside functions.
 """
 
 from __future__ import annotations
