@@ -113,6 +113,22 @@ def _dumps(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer as the handler sends it (also built by the edge agent's HTTP API)."""
+    return Response(status, JSON, _dumps(body), headers=headers or {})
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """An error answer as the handler sends it: :func:`error_body` with ``status`` and ``headers``."""
+    return Response(status, JSON, error_body(code, message, request_id), headers=headers or {})
+
+
 @dataclass
 class Trace:
     """One request's log fields, latency per phase and the ids known so far (for error bodies)."""
@@ -433,7 +449,7 @@ class InferenceService:
         camera, anomalous = body.get("camera_id"), body.get("is_anomalous")
         self._emit_metrics(kind, 200, None, camera, anomalous, replayed, trace.latency)
         headers = {"x-idempotent-replay": "true" if replayed else "false"} if kind == "score" else {}
-        return Response(200, JSON, _dumps(body), headers=headers)
+        return json_response(200, body, headers)
 
     def _fail(
         self,
@@ -458,7 +474,7 @@ class InferenceService:
         log_fn("request failed", extra=extra)
         self._emit_metrics("error", status, code, trace.camera_id, None, False, trace.latency)
         headers = {**(headers or {}), **({"Retry-After": RETRY_AFTER_S} if retry else {})}
-        return Response(status, JSON, error_body(code, message, trace.request_id), headers=headers)
+        return error_response(status, code, message, trace.request_id, headers)
 
     @staticmethod
     def _emit_metrics(
