@@ -1,7 +1,8 @@
 """The request flow behind the Lambda handler, routed by Powertools' REST resolver.
 
 ``POST /cameras/{camera_id}/images``: authorize → parse → lookup (replay / 409) → score → analyse
-(mask, area, regions, confidence) → overlay → persist → respond. ``GET /cameras/{camera_id}/results/
+(mask, area, regions, confidence) → overlay → persist → respond; score to overlay is
+:func:`core.inspection.inspect_image`, the chain the edge agent runs too. ``GET /cameras/{camera_id}/results/
 {request_id}`` and ``GET /cameras/{camera_id}/results?since=&until=&limit=&next_token=`` read what
 was stored. Routes come from :data:`serving.routes.ROUTES` (the table infra/ also reads); a path no
 route serves is 404 and a known path with another method 405, neither scored. Failures are mapped
@@ -45,9 +46,9 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
-from core.answer import analyse, confidence, mask_png
+from core.inspection import inspect_image
 from core.preprocess import PreprocessError
-from core.scoring import Scorer, ScoringError, overlay
+from core.scoring import Scorer, ScoringError
 from serving.events import (
     RequestError,
     RequestLimits,
@@ -304,29 +305,22 @@ class InferenceService:
                 raise IdempotencyConflict(existing)
             return self._answer(existing, request.mask, request.regions, mask_bytes=None), True
 
-        with trace.phase("score"):
-            result = self.scorer.score(request.image)
-        latency.update(result.timings)  # preprocess, inference, postprocess
-
-        with trace.phase("analyse"):
-            threshold = request.threshold if request.threshold is not None else self.scorer.threshold
-            # The model-size map placed back on the working image through the resize policy
-            # (letterbox padding dropped), once: mask, regions and overlay all read these pixels.
-            heat = self.scorer.map_to_image(result.anomaly_map, request.image)
-            analysis = analyse(heat, threshold, request.image.size, request.original_size)
-
-        with trace.phase("overlay"):  # both PNG encodings
-            overlay_png = overlay(request.image, heat)
-            mask_bytes = mask_png(analysis.mask)
-
+        inspection = inspect_image(  # score (preprocess, inference, postprocess), analyse, overlay
+            self.scorer,
+            request.image,
+            request.original_size,
+            threshold=request.threshold,
+            sensitivity=request.sensitivity,
+            latency=latency,
+        )
         meta = self.scorer.metadata
         record = ResultRecord(
             camera_id=request.camera_id,
             request_id=request.request_id,
             captured_at=request.captured_at,
-            score=result.score,
-            is_anomalous=result.score >= threshold,
-            threshold=threshold,
+            score=inspection.score,
+            is_anomalous=inspection.is_anomalous,
+            threshold=inspection.threshold,
             model_name=meta.model_name,
             model_version=meta.registry_version,
             latency_ms={k: latency[k] for k in ("parse", "score", "analyse", "overlay") if k in latency},
@@ -334,26 +328,18 @@ class InferenceService:
             image_height=request.original_size[1],
             fingerprint=request.fingerprint,
             image_sha256=request.image_sha256,
-            extra={
-                "confidence": confidence(result.score, threshold),
-                "threshold_source": "request" if request.threshold is not None else "model",
-                "sensitivity": request.sensitivity,
-                "anomalous_area_pct": analysis.anomalous_area_pct,
-                "regions": analysis.regions,
-                "mask_width": request.image.width,
-                "mask_height": request.image.height,
-            },
+            extra=inspection.answer_fields(),
         )
         with trace.phase("persist"):
             outcome = self.store.save(
                 record,
-                overlay_png,
-                mask_png=mask_bytes,
+                inspection.overlay_png,
+                mask_png=inspection.mask_png,
                 original=request.image_bytes,
                 original_content_type=request.content_type,
                 timings=latency,
             )
-        own_mask = None if outcome.replayed else mask_bytes
+        own_mask = None if outcome.replayed else inspection.mask_png
         return self._answer(
             outcome.item, request.mask, request.regions, mask_bytes=own_mask
         ), outcome.replayed
