@@ -297,12 +297,9 @@ class InferenceService:
         Thread-safe and resolver-free: what two Lambda instances run at once for the same key.
         """
         latency = trace.latency
-        with trace.phase("lookup"):
-            existing = self.store.get(request.camera_id, request.request_id)
+        with trace.phase("lookup"):  # a replay also sweeps what dead attempts left (storage rule 5)
+            existing = self.store.lookup(request.camera_id, request.request_id, request.fingerprint)
         if existing is not None:
-            stored = existing.get("fingerprint")
-            if stored and stored != request.fingerprint:
-                raise IdempotencyConflict(existing)
             return self._answer(existing, request.mask, request.regions, mask_bytes=None), True
 
         inspection = inspect_image(  # score (preprocess, inference, postprocess), analyse, overlay
