@@ -10,6 +10,8 @@ chains could drift (a different threshold source, the overlay drawn on another m
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,8 @@ class Inspection:
     working_size: tuple[int, int]
     original_size: tuple[int, int]
     result: ScoreResult
-    latency_ms: dict[str, float] = field(default_factory=dict)  # score, analyse, overlay
+    # score (preprocess, inference, postprocess), analyse, overlay: see inspect_image
+    latency_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_anomalous(self) -> bool:
@@ -53,8 +56,14 @@ class Inspection:
         }
 
 
-def _ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
+@contextmanager
+def _phase(latency: dict[str, float], name: str) -> Iterator[None]:
+    """Milliseconds of the block into ``latency[name]``, also when it raises."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        latency[name] = (time.perf_counter() - started) * 1000.0
 
 
 def inspect_image(
@@ -64,28 +73,36 @@ def inspect_image(
     *,
     threshold: float | None = None,
     sensitivity: float | None = None,
+    latency: dict[str, float] | None = None,
 ) -> Inspection:
     """Score ``image`` (the working image) and derive mask, regions and overlay from one heat map.
 
     ``original_size`` is the camera's size before any reduction (region boxes are reported in it);
-    ``threshold`` is a per-request override, else the model's threshold applies.
+    ``threshold`` is a per-request override, else the model's threshold applies. Phases, in ms, go
+    to :attr:`Inspection.latency_ms` and, when given, into ``latency`` as each ends (also when one
+    raises, so a failed request still logs how far it got), under the Lambda's phase names:
+    ``score`` (with the scorer's ``preprocess``, ``inference``, ``postprocess``), ``analyse`` (heat
+    map on the image, mask, area, regions) and ``overlay`` (overlay and mask PNG encoding).
     """
-    t = time.perf_counter()
-    result = scorer.score(image)
-    latency = {"score": _ms_since(t), **{f"score_{k}": v for k, v in result.timings.items()}}
+    phases: dict[str, float] = {}
+    try:
+        with _phase(phases, "score"):
+            result = scorer.score(image)
+        phases.update(result.timings)  # preprocess, inference, postprocess
 
-    t = time.perf_counter()
-    in_force = threshold if threshold is not None else scorer.threshold
-    # The model-size map placed back on the working image through the resize policy (letterbox
-    # padding dropped), once: mask, regions and overlay all read these pixels.
-    heat = scorer.map_to_image(result.anomaly_map, image)
-    analysis = analyse(heat, in_force, image.size, original_size)
-    mask_bytes = mask_png(analysis.mask)
-    latency["analyse"] = _ms_since(t)
+        with _phase(phases, "analyse"):
+            in_force = threshold if threshold is not None else scorer.threshold
+            # The model-size map placed back on the working image through the resize policy
+            # (letterbox padding dropped), once: mask, regions and overlay all read these pixels.
+            heat = scorer.map_to_image(result.anomaly_map, image)
+            analysis = analyse(heat, in_force, image.size, original_size)
 
-    t = time.perf_counter()
-    overlay_bytes = overlay(image, heat)
-    latency["overlay"] = _ms_since(t)
+        with _phase(phases, "overlay"):  # both PNG encodings
+            overlay_bytes = overlay(image, heat)
+            mask_bytes = mask_png(analysis.mask)
+    finally:
+        if latency is not None:
+            latency.update(phases)
     return Inspection(
         score=result.score,
         threshold=in_force,
@@ -97,5 +114,5 @@ def inspect_image(
         working_size=(image.width, image.height),
         original_size=original_size,
         result=result,
-        latency_ms=latency,
+        latency_ms=phases,
     )

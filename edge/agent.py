@@ -77,7 +77,6 @@ def make_request(
         camera_id=camera_id,
         captured_at=captured_at,
         request_id=request_id,
-        event_source="edge",
         original_size=original_size,
         image_sha256=hashlib.sha256(image_bytes).hexdigest(),
     )

@@ -1,11 +1,14 @@
 """The agent's HTTP API: the cloud's routes and answers, plus /status, /metrics and /healthz.
 
 Why the same routes: a camera (or the vi-client) can point at the cloud or at the agent without
-changing anything. ``POST /cameras/{camera_id}/images`` is turned into the API Gateway v2 event
-the Lambda would get and parsed by :func:`serving.events.parse_event` - the Lambda's own
-validation, error codes and idempotency keys (``Idempotency-Key`` / ``X-Request-Id``). The answer
-is built from the same :data:`serving.service.RESPONSE_FIELDS`. A replay (same key, same image)
-returns the stored answer; the same key with another image is 409.
+changing anything. Each request is turned into the API Gateway REST (v1) event the Lambda would
+get (:func:`serving.rest_event.build_event`, the local server's builder) and parsed by the Lambda's
+own parsers (:func:`serving.events.parse_event`, ``parse_result_query``, ``parse_list_query``) - the
+same validation, error codes and idempotency keys (``Idempotency-Key`` / ``X-Request-Id``). The
+answer is built from the same :data:`serving.service.RESPONSE_FIELDS`, and answers and errors by the
+handler's :func:`serving.service.json_response` / :func:`serving.service.error_response`; a path no
+route serves is the handler's 404 (405 for another method). A replay (same key, same image) returns
+the stored answer; the same key with another image is 409.
 
 Policy *when scoring falls behind*: the request is refused at once with ``429`` and
 ``Retry-After`` (never queued without bound); when the outbox cap is reached, ``507`` with
@@ -23,23 +26,17 @@ import base64
 import json
 import logging
 import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
+
+from aws_lambda_powertools.event_handler import Response
 
 from edge.config import HttpConfig
 from edge.outbox import Entry, OutboxFull
-from serving.events import (
-    IDENTIFIER_RE,
-    REQUEST_ID_RE,
-    RequestError,
-    normalise_timestamp,
-    parse_answer_options,
-    parse_event,
-    validate_identifier,
-)
-from serving.routes import RESULT_ROUTE, RESULTS_ROUTE, SCORE_ROUTE, match_route
+from serving.events import RequestError, parse_event, parse_list_query, parse_result_query
+from serving.rest_event import build_event
+from serving.routes import RESULT_ROUTE, RESULTS_ROUTE, SCORE_ROUTE, allowed_methods, match_route
 from serving.service import RESPONSE_FIELDS, error_response, json_response
 from serving.storage import IdempotencyConflict
 
@@ -104,8 +101,8 @@ class EdgeHttpServer:
                 }
         return body
 
-    def score(self, event: dict[str, Any]) -> dict[str, Any]:
-        """POST /cameras/{camera_id}/images through the agent's queue; a proxy-style response dict."""
+    def score(self, event: dict[str, Any]) -> Response:
+        """POST /cameras/{camera_id}/images (a REST v1 event) through the agent's queue."""
         from edge.agent import Job
 
         request = parse_event(event, self.agent.limits)
@@ -122,7 +119,7 @@ class EdgeHttpServer:
             box["result"] = result
             finished.set()
 
-        retry = {"retry-after": str(self.config.retry_after_s)}
+        retry = {"Retry-After": str(self.config.retry_after_s)}
         if not self.agent.try_submit(Job(request=request, source="http", done=done)):
             return error_response(429, "busy", "the scorer is behind; retry later", request.request_id, retry)
         if not finished.wait(WAIT_S):
@@ -137,79 +134,46 @@ class EdgeHttpServer:
         body = self.answer(result.entry, request.mask, request.regions, result.mask_png)
         return json_response(200, body, {"x-idempotent-replay": replayed})
 
-    def get(self, path: str, query: dict[str, str]) -> dict[str, Any]:
-        """GET one result, a page of results, or a stored mask, from the outbox."""
-        mask_route = path.endswith("/mask.png")
-        matched = match_route("GET", path[: -len("/mask.png")] if mask_route else path)
-        if matched is None:
-            return {"statusCode": 404, "headers": {"content-type": "application/json"},
-                    "body": json.dumps({"message": "Not Found"})}  # fmt: skip
-        route, params = matched
-        camera_id = validate_identifier(params.get("camera_id"), "camera_id", IDENTIFIER_RE)
-        presentation = {k: v for k, v in query.items() if k in ("mask", "regions")}
-        _, _, mask, regions = parse_answer_options({}, presentation)
-        if route == " ".join(RESULT_ROUTE):
-            request_id = validate_identifier(
-                params.get("request_id"), "request_id", REQUEST_ID_RE, ", '=', '+'"
-            )
-            entry = self.agent.outbox.get(camera_id, request_id)
+    def get(self, event: dict[str, Any], *, mask_route: bool = False) -> Response:
+        """GET one result, a page of results (REST v1 events, the Lambda's parsers), or a stored mask."""
+        resource = event.get("resource")
+        if resource == RESULT_ROUTE[1]:
+            query = parse_result_query(event)
+            entry = self.agent.outbox.get(query.camera_id, query.request_id)
             if entry is None:
-                raise RequestError(404, "result_not_found", f"no stored result for {camera_id}/{request_id}")
+                raise RequestError(
+                    404, "result_not_found", f"no stored result for {query.camera_id}/{query.request_id}"
+                )
             if mask_route:
                 data = self.agent.outbox.read_mask(entry)
                 if data is None:
                     raise RequestError(404, "mask_not_found", "the mask was evicted after sync")
-                return {"statusCode": 200, "headers": {"content-type": "image/png"}, "raw": data}
-            return json_response(200, self.answer(entry, mask, regions, None))
-        if route != " ".join(RESULTS_ROUTE) or mask_route:
-            raise RequestError(404, "not_found", f"no route for GET {path}")
-        if mask == "base64":
-            raise RequestError(400, "invalid_mask", "lists return masks as URLs only: use mask=url")
-        since = normalise_timestamp(query["since"], "since") if "since" in query else None
-        until = normalise_timestamp(query["until"], "until") if "until" in query else None
-        raw = query.get("limit") or "50"
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
-            raise RequestError(400, "invalid_limit", "limit must be an integer from 1 to 100")
+                return Response(200, "image/png", data)
+            return json_response(200, self.answer(entry, query.mask, query.regions, None))
+        if resource != RESULTS_ROUTE[1] or mask_route:
+            return no_route("GET", event["path"] + ("/mask.png" if mask_route else ""))
+        listing = parse_list_query(event, self.agent.limits)
         try:
             entries, token = self.agent.outbox.query(
-                camera_id,
-                since=since,
-                until=until,
-                limit=int(raw),
-                next_token=query.get("next_token") or None,
+                listing.camera_id,
+                since=listing.since,
+                until=listing.until,
+                limit=listing.limit,
+                next_token=listing.next_token,
             )
         except ValueError as exc:
             raise RequestError(400, "invalid_next_token", str(exc)) from exc
-        results = [self.answer(e, mask, regions, None) for e in entries]
-        return json_response(200, {"camera_id": camera_id, "results": results, "next_token": token})
+        results = [self.answer(e, listing.mask, listing.regions, None) for e in entries]
+        return json_response(200, {"camera_id": listing.camera_id, "results": results, "next_token": token})
 
 
-def build_event(method: str, target: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
-    """The API Gateway HTTP API (2.0) event the Lambda would get for this request."""
-    split = urlsplit(target)
-    matched = match_route(method, split.path)
-    query: dict[str, str] = {}
-    for key, value in parse_qsl(split.query, keep_blank_values=True):
-        query[key] = f"{query[key]},{value}" if key in query else value
-    event: dict[str, Any] = {
-        "version": "2.0",
-        "routeKey": matched[0] if matched else "$default",
-        "rawPath": split.path,
-        "rawQueryString": split.query,
-        "headers": headers,
-        "requestContext": {
-            "domainName": "edge.local",
-            "http": {"method": method, "path": unquote(split.path)},
-            "requestId": f"edge-h-{uuid.uuid4().hex}",
-        },
-        "isBase64Encoded": True,
-        "body": base64.b64encode(body).decode(),
-    }
-    if query:
-        event["queryStringParameters"] = query
-    if matched:
-        event["pathParameters"] = matched[1]
-    return event
+def no_route(method: str, path: str) -> Response:
+    """The Lambda's answer for a path no route serves (404) or a method it does not take (405)."""
+    allowed = allowed_methods(path)
+    if allowed:
+        message = f"{method} is not allowed on {path}; use {', '.join(allowed)}"
+        return error_response(405, "method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
+    return error_response(404, "not_found", f"no route for {method} {path[:200]}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -220,18 +184,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # access log: debug only
         log.debug("http", extra={"line": format % args})
 
-    def _send(self, response: dict[str, Any]) -> None:
-        raw = response.get("raw")
-        data = raw if raw is not None else str(response.get("body", "")).encode()
-        self.send_response(int(response["statusCode"]))
-        for key, value in (response.get("headers") or {}).items():
-            self.send_header(key, value)
+    def _send(self, response: Response) -> None:
+        body = response.body
+        data = body if isinstance(body, bytes) else str(body or "").encode()
+        self.send_response(response.status_code)
+        for key, values in response.headers.items():
+            for value in values if isinstance(values, list) else [values]:
+                self.send_header(key, value)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
     def _text(self, status: int, text: str, content_type: str) -> None:
-        self._send({"statusCode": status, "headers": {"content-type": content_type}, "raw": text.encode()})
+        self._send(Response(status, content_type, text))
 
     def _guard(self, call: Any) -> None:
         try:
@@ -245,6 +210,23 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("http request failed")
             self._send(error_response(500, "internal_error", f"{type(exc).__name__}"))
 
+    def _event(self, method: str, path: str, query: str, body: bytes) -> dict[str, Any] | None:
+        """The REST v1 event API Gateway would send for this request, or ``None`` if no route serves it."""
+        route = match_route(method, path)
+        if route is None:
+            return None
+        host, port = self.server.server_address[:2]
+        return build_event(
+            method=method,
+            target=f"{path}?{query}" if query else path,
+            headers=list(self.headers.items()),
+            body=body,
+            resource=route[0],
+            path_parameters=route[1],
+            source_ip=self.client_address[0],
+            host=self.headers.get("host") or f"{host}:{port}",
+        )
+
     def do_GET(self) -> None:
         split = urlsplit(self.path)
         if split.path == "/metrics":
@@ -255,8 +237,13 @@ class _Handler(BaseHTTPRequestHandler):
             ok = self.agent.models._live is not None
             self._text(200 if ok else 503, "ok" if ok else "no model", "text/plain")
         else:
-            query = dict(parse_qsl(split.query, keep_blank_values=True))
-            self._guard(lambda: self.edge.get(split.path, query))
+            mask_route = split.path.endswith("/mask.png")
+            path = split.path[: -len("/mask.png")] if mask_route else split.path
+            event = self._event("GET", path, split.query, b"")
+            if event is None:
+                self._send(no_route("GET", split.path))
+                return
+            self._guard(lambda: self.edge.get(event, mask_route=mask_route))
 
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
@@ -266,12 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length) if length else b""
         split = urlsplit(self.path)
-        if match_route("POST", split.path) is None or match_route("POST", split.path)[0] != " ".join(
-            SCORE_ROUTE
-        ):
-            self._send({"statusCode": 404, "headers": {"content-type": "application/json"},
-                        "body": json.dumps({"message": "Not Found"})})  # fmt: skip
+        event = self._event("POST", split.path, split.query, body)
+        if event is None or event["resource"] != SCORE_ROUTE[1]:
+            self._send(no_route("POST", split.path))
             return
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        event = build_event("POST", self.path, headers, body)
         self._guard(lambda: self.edge.score(event))

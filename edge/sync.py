@@ -175,13 +175,10 @@ class Syncer:
         # Look up first, as the Lambda does before scoring: an earlier life of this agent may have
         # stored the item and died before marking it synced. Writing new objects then would only
         # create objects for save() to delete again - and if this life died in between, objects
-        # no item references. On a found item, sweep the request's prefix with the store's own
-        # rule, so objects of an attempt killed between its S3 puts and its put are not left behind.
-        existing = self.store.get(record.camera_id, record.request_id)
+        # no item references. The store's lookup sweeps the request's prefix on a found item, so
+        # objects of an attempt killed between its S3 puts and its put are not left behind.
+        existing = self.store.lookup(record.camera_id, record.request_id, record.fingerprint)
         if existing is not None:
-            if existing.get("fingerprint") != record.fingerprint:
-                raise IdempotencyConflict(existing)
-            self.store._sweep(record, existing)
             self.metrics.inc("vi_edge_sync_replayed_total")
             return str(existing.get("result_uri") or "")
         outcome = self.store.save(record, overlay, mask_png=mask)

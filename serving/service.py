@@ -1,7 +1,8 @@
 """The request flow behind the Lambda handler, routed by Powertools' REST resolver.
 
 ``POST /cameras/{camera_id}/images``: authorize → parse → lookup (replay / 409) → score → analyse
-(mask, area, regions, confidence) → overlay → persist → respond. ``GET /cameras/{camera_id}/results/
+(mask, area, regions, confidence) → overlay → persist → respond; score to overlay is
+:func:`core.inspection.inspect_image`, the chain the edge agent runs too. ``GET /cameras/{camera_id}/results/
 {request_id}`` and ``GET /cameras/{camera_id}/results?since=&until=&limit=&next_token=`` read what
 was stored. Routes come from :data:`serving.routes.ROUTES` (the table infra/ also reads); a path no
 route serves is 404 and a known path with another method 405, neither scored. Failures are mapped
@@ -45,9 +46,9 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
-from core.answer import analyse, confidence, mask_png
+from core.inspection import inspect_image
 from core.preprocess import PreprocessError
-from core.scoring import Scorer, ScoringError, overlay
+from core.scoring import Scorer, ScoringError
 from serving.events import (
     RequestError,
     RequestLimits,
@@ -111,6 +112,22 @@ def error_body(code: str, message: str, request_id: str | None = None) -> str:
 
 def _dumps(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))
+
+
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer as the handler sends it (also built by the edge agent's HTTP API)."""
+    return Response(status, JSON, _dumps(body), headers=headers or {})
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """An error answer as the handler sends it: :func:`error_body` with ``status`` and ``headers``."""
+    return Response(status, JSON, error_body(code, message, request_id), headers=headers or {})
 
 
 @dataclass
@@ -280,37 +297,27 @@ class InferenceService:
         Thread-safe and resolver-free: what two Lambda instances run at once for the same key.
         """
         latency = trace.latency
-        with trace.phase("lookup"):
-            existing = self.store.get(request.camera_id, request.request_id)
+        with trace.phase("lookup"):  # a replay also sweeps what dead attempts left (storage rule 5)
+            existing = self.store.lookup(request.camera_id, request.request_id, request.fingerprint)
         if existing is not None:
-            stored = existing.get("fingerprint")
-            if stored and stored != request.fingerprint:
-                raise IdempotencyConflict(existing)
             return self._answer(existing, request.mask, request.regions, mask_bytes=None), True
 
-        with trace.phase("score"):
-            result = self.scorer.score(request.image)
-        latency.update(result.timings)  # preprocess, inference, postprocess
-
-        with trace.phase("analyse"):
-            threshold = request.threshold if request.threshold is not None else self.scorer.threshold
-            # The model-size map placed back on the working image through the resize policy
-            # (letterbox padding dropped), once: mask, regions and overlay all read these pixels.
-            heat = self.scorer.map_to_image(result.anomaly_map, request.image)
-            analysis = analyse(heat, threshold, request.image.size, request.original_size)
-
-        with trace.phase("overlay"):  # both PNG encodings
-            overlay_png = overlay(request.image, heat)
-            mask_bytes = mask_png(analysis.mask)
-
+        inspection = inspect_image(  # score (preprocess, inference, postprocess), analyse, overlay
+            self.scorer,
+            request.image,
+            request.original_size,
+            threshold=request.threshold,
+            sensitivity=request.sensitivity,
+            latency=latency,
+        )
         meta = self.scorer.metadata
         record = ResultRecord(
             camera_id=request.camera_id,
             request_id=request.request_id,
             captured_at=request.captured_at,
-            score=result.score,
-            is_anomalous=result.score >= threshold,
-            threshold=threshold,
+            score=inspection.score,
+            is_anomalous=inspection.is_anomalous,
+            threshold=inspection.threshold,
             model_name=meta.model_name,
             model_version=meta.registry_version,
             latency_ms={k: latency[k] for k in ("parse", "score", "analyse", "overlay") if k in latency},
@@ -318,26 +325,18 @@ class InferenceService:
             image_height=request.original_size[1],
             fingerprint=request.fingerprint,
             image_sha256=request.image_sha256,
-            extra={
-                "confidence": confidence(result.score, threshold),
-                "threshold_source": "request" if request.threshold is not None else "model",
-                "sensitivity": request.sensitivity,
-                "anomalous_area_pct": analysis.anomalous_area_pct,
-                "regions": analysis.regions,
-                "mask_width": request.image.width,
-                "mask_height": request.image.height,
-            },
+            extra=inspection.answer_fields(),
         )
         with trace.phase("persist"):
             outcome = self.store.save(
                 record,
-                overlay_png,
-                mask_png=mask_bytes,
+                inspection.overlay_png,
+                mask_png=inspection.mask_png,
                 original=request.image_bytes,
                 original_content_type=request.content_type,
                 timings=latency,
             )
-        own_mask = None if outcome.replayed else mask_bytes
+        own_mask = None if outcome.replayed else inspection.mask_png
         return self._answer(
             outcome.item, request.mask, request.regions, mask_bytes=own_mask
         ), outcome.replayed
@@ -433,7 +432,7 @@ class InferenceService:
         camera, anomalous = body.get("camera_id"), body.get("is_anomalous")
         self._emit_metrics(kind, 200, None, camera, anomalous, replayed, trace.latency)
         headers = {"x-idempotent-replay": "true" if replayed else "false"} if kind == "score" else {}
-        return Response(200, JSON, _dumps(body), headers=headers)
+        return json_response(200, body, headers)
 
     def _fail(
         self,
@@ -458,7 +457,7 @@ class InferenceService:
         log_fn("request failed", extra=extra)
         self._emit_metrics("error", status, code, trace.camera_id, None, False, trace.latency)
         headers = {**(headers or {}), **({"Retry-After": RETRY_AFTER_S} if retry else {})}
-        return Response(status, JSON, error_body(code, message, trace.request_id), headers=headers)
+        return error_response(status, code, message, trace.request_id, headers)
 
     @staticmethod
     def _emit_metrics(

@@ -2,10 +2,11 @@
 
 Consistency rules (each exercised by ``tests/serving/test_faults.py`` through a fault proxy):
 
-1. A retried request (same ``camera_id`` + ``request_id``) is looked up with :meth:`ResultStore.get`
-   before scoring. The stored item carries the request's ``fingerprint`` (camera + image sha256 +
-   answer-changing options): same fingerprint → the stored answer is replayed; another one →
-   :class:`IdempotencyConflict` (409) and nothing is stored.
+1. A retried request (same ``camera_id`` + ``request_id``) is looked up with
+   :meth:`ResultStore.lookup` before scoring. The stored item carries the request's ``fingerprint``
+   (camera + image sha256 + answer-changing options): same fingerprint → the stored answer is
+   replayed (and the request's prefix swept, rule 5); another one → :class:`IdempotencyConflict`
+   (409) and nothing is stored.
 2. Every attempt writes its S3 objects under its own key
    ``{prefix}{camera}/{YYYY/MM/DD}/{request_id}/{attempt_id}-overlay.png`` (``-mask.png``,
    ``-original.<ext>``): no request or retry can overwrite another's object.
@@ -18,8 +19,12 @@ Consistency rules (each exercised by ``tests/serving/test_faults.py`` through a 
    excludes tombstoned attempts), so the objects are deleted and the caller gets a retryable
    error; if its condition fails, the item exists and is read back (ours → success, another
    attempt's → replay or conflict). If even that cannot be decided, the objects are kept.
-5. After a successful put, objects under this request's prefix that the item does not reference
-   (left by earlier failed attempts whose cleanup failed) are swept.
+5. After a successful put, and on every replay, objects under this request's prefix that the item
+   does not reference are swept (:meth:`ResultStore.sweep`): left by earlier attempts whose cleanup
+   failed, or by an attempt that died (Lambda timeout, a killed edge agent) between its S3 puts and
+   its put after another attempt had stored the item - only a later replay can remove those.
+   The prefix is the stored item's capture day: an attempt with another ``captured_at`` day (one
+   that left it to default to "now" across midnight UTC) wrote elsewhere and is not reached.
 
 Table layout (see :data:`TABLE_SCHEMA`): partition key ``camera_id``, sort key ``request_id`` —
 the idempotency key must be derivable from the request alone, and ``captured_at`` defaults to
@@ -400,6 +405,22 @@ class ResultStore:
         item = self._get_raw(camera_id, request_id)
         return item if item is not None and item.get("status", STATUS_COMPLETE) == STATUS_COMPLETE else None
 
+    def lookup(self, camera_id: str, request_id: str, fingerprint: str) -> dict[str, Any] | None:
+        """The stored item a retried request replays (``None``: not stored yet, score it), swept.
+
+        Raises :class:`IdempotencyConflict` if the item was stored for another ``fingerprint``
+        (image, camera or options). On a replay the request's prefix is swept (rule 5): an attempt
+        that died between its S3 puts and its put leaves objects only a replay can see.
+        """
+        existing = self.get(camera_id, request_id)
+        if existing is None:
+            return None
+        stored = existing.get("fingerprint")
+        if stored and fingerprint and stored != fingerprint:
+            raise IdempotencyConflict(existing)
+        self.sweep(existing)
+        return existing
+
     def _get_raw(self, camera_id: str, request_id: str) -> dict[str, Any] | None:
         try:
             response = self.dynamodb.get_item(
@@ -559,7 +580,7 @@ class ResultStore:
             return self._resolve_unknown(
                 record, attempt_id, written, _wrap_error("dynamodb", "put_item", exc)
             )
-        self._sweep(record, item)
+        self.sweep(item)
         return SaveOutcome(item=from_dynamodb(to_dynamodb(item)), replayed=False)
 
     def _resolve_existing(self, record: ResultRecord, attempt_id: str, written: list[str]) -> SaveOutcome:
@@ -574,7 +595,7 @@ class ResultStore:
                 "dynamodb", "put_item", "conditional put lost to a concurrent attempt", retryable=True
             )
         if existing.get("attempt_id") == attempt_id:
-            self._sweep(record, existing)
+            self.sweep(existing)
             return SaveOutcome(item=existing, replayed=False)
         referenced = {existing.get(k) for k in ("overlay_key", "mask_key", "original_key")}
         self._delete_objects([key for key in written if key not in referenced])
@@ -617,13 +638,14 @@ class ResultStore:
         self._delete_objects(written)
         raise cause
 
-    def _sweep(self, record: ResultRecord, item: dict[str, Any]) -> None:
-        """Delete objects of earlier failed attempts of this request (best effort, after commit).
+    def sweep(self, item: dict[str, Any]) -> None:
+        """Delete the objects under a stored item's request prefix that it does not reference.
 
-        Safe once the item is stored: no other attempt can commit any more, so only the keys the
-        item references are live.
+        Best effort (a failure is logged, never raised). Safe once the item is stored: no other
+        attempt can commit any more, so only the keys the item references are live; an attempt
+        still in flight finds the item at its conditional put and deletes its own objects anyway.
         """
-        prefix = self.request_prefix(record.camera_id, record.captured_at, record.request_id)
+        prefix = self.request_prefix(item["camera_id"], item["captured_at"], item["request_id"])
         referenced = {item.get(k) for k in ("overlay_key", "mask_key", "original_key")}
         try:
             listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=100)

@@ -56,6 +56,17 @@ def test_routes_replay_conflict_and_errors_match_the_cloud(make_config, agent_fa
     assert status == 404 and json.loads(raw)["error"]["code"] == "result_not_found"
     status, _, _ = call(port, "GET", "/nowhere")
     assert status == 404
+    # The Lambda's parsers and route answers: a non-ASCII digit is the limit's 400, another method 405.
+    status, _, raw = call(port, "GET", "/cameras/cam-1/results?limit=%C2%B2")
+    assert status == 400 and json.loads(raw)["error"]["code"] == "invalid_limit"
+    status, headers, raw = call(
+        port, "POST", "/cameras/cam-1/results", b"{}", {"content-type": "application/json"}
+    )
+    assert (
+        status == 405
+        and json.loads(raw)["error"]["code"] == "method_not_allowed"
+        and headers["Allow"] == "GET"
+    )
 
 
 def test_busy_scorer_answers_429_with_retry_after(make_config, agent_factory, caplog) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.request
 from pathlib import Path
@@ -13,22 +12,17 @@ from serving.events import RequestLimits
 from serving.service import InferenceService
 from serving.storage import ResultStore
 from tests.edge.conftest import BUCKET, TABLE, tiny_png
-from tests.serving.conftest import elpv_image_bytes
+from tests.serving.conftest import elpv_image_bytes, rest_event
 
 
 def _lambda_answer(service: InferenceService, camera: str, data: bytes, key: str) -> dict:
-    event = {
-        "version": "2.0",
-        "routeKey": "POST /cameras/{camera_id}/images",
-        "rawPath": f"/cameras/{camera}/images",
-        "rawQueryString": "mask=base64&regions=true",
-        "queryStringParameters": {"mask": "base64", "regions": "true"},
-        "headers": {"content-type": "image/png", "idempotency-key": key},
-        "pathParameters": {"camera_id": camera},
-        "requestContext": {"http": {"method": "POST", "path": f"/cameras/{camera}/images"}, "requestId": "r"},
-        "body": base64.b64encode(data).decode(),
-        "isBase64Encoded": True,
-    }
+    """The Lambda handler's answer to the REST v1 event API Gateway sends for the same request."""
+    event = rest_event(
+        "POST",
+        f"/cameras/{camera}/images?mask=base64&regions=true",
+        body=data,
+        headers={"content-type": "image/png", "idempotency-key": key},
+    )
     response = service.handle(event)
     assert response["statusCode"] == 200, response
     return json.loads(response["body"])

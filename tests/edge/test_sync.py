@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import boto3
 
@@ -15,6 +16,7 @@ from serving.events import RequestLimits
 from serving.service import InferenceService
 from serving.storage import ResultStore
 from tests.edge.conftest import BUCKET, TABLE, drop_file, tiny_png, wait_for
+from tests.serving.conftest import rest_event
 from tests.serving.fault_proxy import FaultProxy
 
 ALL_OPERATIONS = (
@@ -28,17 +30,8 @@ ALL_OPERATIONS = (
 
 
 def cloud_get(service: InferenceService, path: str, query: dict[str, str] | None = None) -> dict[str, Any]:
-    """A GET through the Lambda's own handler (HTTP API v2 event)."""
-    event = {
-        "version": "2.0",
-        "routeKey": "$default",
-        "rawPath": path,
-        "rawQueryString": "",
-        "queryStringParameters": query or {},
-        "headers": {},
-        "requestContext": {"http": {"method": "GET", "path": path}, "requestId": "get"},
-        "isBase64Encoded": False,
-    }
+    """A GET through the Lambda's own handler (the REST v1 event API Gateway sends)."""
+    event = rest_event("GET", f"{path}?{urlencode(query)}" if query else path)
     response = service.handle(event)
     assert response["statusCode"] == 200, response
     return json.loads(response["body"])

@@ -60,12 +60,13 @@ def rest_event(
 ) -> dict[str, Any]:
     """The REST API (payload 1.0) proxy event API Gateway sends for ``method target``.
 
-    Built by the local server's :func:`tools.local_server.build_event` (so tests and the local
-    server send the same events); ``resource``/``pathParameters`` come from the route table, or
+    Built by :func:`serving.rest_event.build_event` (so tests, the local server and the edge agent
+    send the same events); ``resource``/``pathParameters`` come from the route table, or
     name no route when ``target`` matches none (as a hand-made or misrouted event would).
     ``base64_encoded`` overrides API Gateway's binary-media-type decision.
     """
-    from tools.local_server import build_event, match_route
+    from serving.rest_event import build_event
+    from serving.routes import match_route
 
     path = target.split("?")[0]
     route = match_route(method, path)

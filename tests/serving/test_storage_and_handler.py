@@ -19,8 +19,9 @@ from PIL import Image
 from config.paths import REPO_ROOT as REPO
 from core.answer import analyse, confidence, mask_png
 from core.scoring import Scorer, overlay
-from serving.events import RequestLimits
-from serving.service import InferenceService
+from serving.events import RequestLimits, parse_event
+from serving.identity import Caller
+from serving.service import InferenceService, Trace
 from serving.storage import ResultRecord, ResultStore, StorageError, create_resources
 from tests.serving.conftest import BUCKET, TABLE, elpv_image_bytes, header, json_body, rest_event
 from tools.local_server import LocalContext
@@ -140,6 +141,51 @@ def test_duplicate_with_another_fingerprint_is_a_conflict(aws_resources: str) ->
     assert store.get("cam-1", "r-1") == first.item
 
 
+class _Killed(BaseException):
+    """The process dies here (Lambda timeout, kill -9): no ``except`` of the writer runs."""
+
+
+def _die_at_put(store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This store's next attempt writes its S3 objects, then dies before its DynamoDB put."""
+
+    def killed(**_: Any) -> None:
+        raise _Killed
+
+    monkeypatch.setattr(store.dynamodb, "put_item", killed)
+
+
+def test_replay_sweeps_objects_of_an_attempt_that_died_after_its_s3_puts(
+    aws_resources: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stores the item; B (started before A's item existed) dies between its S3 puts and its put;
+    C replays: B's objects, which no item references and no later save sees, are swept."""
+    first = ResultStore(TABLE, BUCKET).save(_record(fingerprint="f1"), b"A overlay", mask_png=b"A mask")
+    dying = ResultStore(TABLE, BUCKET)
+    _die_at_put(dying, monkeypatch)
+    with pytest.raises(_Killed):
+        dying.save(_record(fingerprint="f1", score=0.9), b"B overlay", mask_png=b"B mask")
+    a_objects = {first.item["overlay_key"]: b"A overlay", first.item["mask_key"]: b"A mask"}
+    assert len(_objects()) == 4 and set(_objects()) > set(a_objects)  # B's objects, without an item
+
+    replayed = ResultStore(TABLE, BUCKET).lookup("cam-1", "r-1", "f1")
+    assert replayed == first.item
+    assert _objects() == a_objects
+    assert len(_items()) == 1 and ResultStore(TABLE, BUCKET).get("cam-1", "r-1") == first.item
+
+
+def test_lookup_of_another_fingerprint_is_a_conflict_and_sweeps_nothing(aws_resources: str) -> None:
+    from serving.storage import IdempotencyConflict
+
+    store = ResultStore(TABLE, BUCKET)
+    first = store.save(_record(fingerprint="f1"), b"A overlay")
+    stray = store.object_keys("cam-1", first.item["captured_at"], "r-1", "dead-attempt")["overlay"]
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=stray, Body=b"B overlay")
+    with pytest.raises(IdempotencyConflict):
+        store.lookup("cam-1", "r-1", "f2")
+    assert store.lookup("cam-1", "r-unknown", "f1") is None
+    assert set(_objects()) == {first.item["overlay_key"], stray}
+
+
 def test_dynamodb_failure_removes_s3_objects(aws_env: str) -> None:
     boto3.client("s3").create_bucket(Bucket=BUCKET)  # no table
     store = ResultStore(TABLE, BUCKET, store_original=True)
@@ -240,6 +286,33 @@ def test_retried_request_stores_nothing_twice(aws_resources: str, scorer: Scorer
     assert _objects() == objects_before
     assert len(objects_before) == 2  # overlay + mask
     assert len(_items()) == 1
+
+
+def test_handler_replay_sweeps_objects_of_an_attempt_that_died_after_its_s3_puts(
+    aws_resources: str, scorer: Scorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the handler: A stores, B dies after its S3 puts, C (a retry) is answered from A's item
+    and leaves only A's objects."""
+    data = elpv_image_bytes(2)
+    headers = {"Idempotency-Key": "key-abc", "X-Captured-At": "2026-02-03T04:05:06Z"}
+    first = _service(scorer).handle(_png_event(data, "gw-a", headers=headers), None)
+    assert first["statusCode"] == 200 and header(first, "x-idempotent-replay") == "false"
+    a_objects = _objects()
+    (a_item,) = _items()
+
+    b_service = _service(scorer)
+    monkeypatch.setattr(b_service.store, "get", lambda *_: None)  # B looked up before A stored
+    _die_at_put(b_service.store, monkeypatch)
+    b_request = parse_event(_png_event(data, "gw-b", headers=headers), RequestLimits())
+    with pytest.raises(_Killed):
+        b_service.score_and_store(b_request, Trace(Caller(arn="anonymous")))
+    assert len(_objects()) == 2 * len(a_objects) and _items() == [a_item]
+
+    third = _service(scorer).handle(_png_event(data, "gw-c", headers=headers), None)
+    assert third["statusCode"] == 200 and header(third, "x-idempotent-replay") == "true"
+    assert third["body"] == first["body"]
+    assert _objects() == a_objects
+    assert _items() == [a_item]
 
 
 def test_handler_bad_request_is_json_4xx_and_stores_nothing(aws_resources: str, scorer: Scorer) -> None:
