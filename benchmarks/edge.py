@@ -39,8 +39,9 @@ def _proc_kb(field: str) -> float:
 
 def score_phase(model_dir: Path, state: Path, images: int, fsync: bool) -> dict[str, Any]:
     """Runs in the child: build the agent, score ``images`` images, report figures as a dict."""
-    from edge.agent import Agent, Job, make_request
+    from edge.agent import Agent
     from edge.config import parse_config
+    from edge.jobs import Job, make_request
     from tools.tiny_model import elpv_samples
 
     config = parse_config(

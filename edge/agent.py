@@ -14,72 +14,29 @@ by :func:`serving.events.decode_image` (the Lambda's decoder and limits), scored
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from core.inspection import inspect_image
 from core.scoring import ScoringError
 from edge.config import EdgeConfig
+from edge.httpapi import EdgeHttpServer
+from edge.jobs import Job, JobResult
 from edge.metrics import Metrics, configure_logging
 from edge.models import ModelManager
-from edge.outbox import Entry, Outbox, OutboxFull
-from serving.events import RequestLimits, ScoringRequest, decode_image
+from edge.outbox import Outbox, OutboxFull
+from edge.sources import make_source
+from serving.events import RequestLimits
 from serving.storage import IdempotencyConflict, ResultRecord
 
 log = logging.getLogger("edge.agent")
 BACKPRESSURE_LOG_S = 10.0
 STATUS_LOG_S = 60.0
-
-
-@dataclass
-class JobResult:
-    """What the scorer made of a job: the stored entry (maybe a replay) or the error."""
-
-    entry: Entry | None = None
-    replayed: bool = False
-    mask_png: bytes | None = None
-    error: BaseException | None = None
-
-
-@dataclass
-class Job:
-    """One image to score; ``done`` runs on the scoring thread once the result is durable (or failed)."""
-
-    request: ScoringRequest
-    source: str  # "folder" | "stream" | "http"
-    done: Callable[[JobResult], None]
-
-
-def make_request(
-    camera_id: str,
-    image_bytes: bytes,
-    *,
-    request_id: str,
-    captured_at: str,
-    limits: RequestLimits,
-) -> ScoringRequest:
-    """A request for a folder file or a stream frame, decoded exactly as the Lambda decodes a body.
-
-    Raises :class:`serving.events.RequestError` for an image the Lambda would refuse too.
-    """
-    image, content_type, original_size = decode_image(image_bytes, limits)
-    return ScoringRequest(
-        image=image,
-        image_bytes=image_bytes,
-        content_type=content_type,
-        camera_id=camera_id,
-        captured_at=captured_at,
-        request_id=request_id,
-        original_size=original_size,
-        image_sha256=hashlib.sha256(image_bytes).hexdigest(),
-    )
 
 
 class Agent:
@@ -185,22 +142,13 @@ class Agent:
                 raise
             self.models.scoring_ok()
             meta = live.scorer.metadata
-            record = ResultRecord(
-                camera_id=request.camera_id,
-                request_id=request.request_id,
-                captured_at=request.captured_at,
-                score=inspection.score,
-                is_anomalous=inspection.is_anomalous,
-                threshold=inspection.threshold,
+            record = ResultRecord.scored(
+                request,
+                inspection,
                 model_name=meta.model_name,
                 model_version=live.version,
                 latency_ms={k: inspection.latency_ms[k] for k in ("score", "analyse", "overlay")},
-                image_width=request.original_size[0],
-                image_height=request.original_size[1],
-                fingerprint=request.fingerprint,
-                image_sha256=request.image_sha256,
                 extra={
-                    **inspection.answer_fields(),
                     "source": "edge",
                     "agent_id": self.config.agent_id,
                     "edge_input": job.source,
@@ -292,8 +240,6 @@ class Agent:
 
     def start(self) -> None:
         """Load the model, then start scoring, sync, model follow, HTTP and sources (in that order)."""
-        from edge.httpapi import EdgeHttpServer
-        from edge.sources import make_source
 
         self.models.start()
         if self.models._live is None and self.config.model.follow:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from aws_lambda_powertools.event_handler import Response
 
 from edge.config import HttpConfig
+from edge.jobs import Job
 from edge.outbox import Entry, OutboxFull
 from serving.events import RequestError, parse_event, parse_list_query, parse_result_query
 from serving.rest_event import build_event
@@ -103,7 +104,6 @@ class EdgeHttpServer:
 
     def score(self, event: dict[str, Any]) -> Response:
         """POST /cameras/{camera_id}/images (a REST v1 event) through the agent's queue."""
-        from edge.agent import Job
 
         request = parse_event(event, self.agent.limits)
         existing = self.agent.outbox.get(request.camera_id, request.request_id)

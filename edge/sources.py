@@ -36,6 +36,7 @@ from typing import Any
 
 from edge.config import IMAGE_SUFFIXES, SourceConfig
 from edge.crash import crash_point
+from edge.jobs import Job, make_request
 from edge.outbox import OutboxFull
 from serving.events import RequestError, utc_now
 
@@ -121,7 +122,6 @@ class FolderSource:
                 self._take(name)
 
     def _take(self, name: str) -> None:
-        from edge.agent import Job, make_request
 
         path = self.path / name
         try:
@@ -273,7 +273,6 @@ class StreamSource:
                 self._stop.wait(0.05)
 
     def _flush(self) -> None:
-        from edge.agent import Job, make_request
 
         while self._buffer and self.agent.queue_free() > 0:
             data, captured_at = self._buffer.popleft()

@@ -311,21 +311,12 @@ class InferenceService:
             latency=latency,
         )
         meta = self.scorer.metadata
-        record = ResultRecord(
-            camera_id=request.camera_id,
-            request_id=request.request_id,
-            captured_at=request.captured_at,
-            score=inspection.score,
-            is_anomalous=inspection.is_anomalous,
-            threshold=inspection.threshold,
+        record = ResultRecord.scored(
+            request,
+            inspection,
             model_name=meta.model_name,
             model_version=meta.registry_version,
             latency_ms={k: latency[k] for k in ("parse", "score", "analyse", "overlay") if k in latency},
-            image_width=request.original_size[0],
-            image_height=request.original_size[1],
-            fingerprint=request.fingerprint,
-            image_sha256=request.image_sha256,
-            extra=inspection.answer_fields(),
         )
         with trace.phase("persist"):
             outcome = self.store.save(

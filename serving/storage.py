@@ -59,7 +59,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from aws_lambda_powertools import Logger
@@ -74,6 +74,10 @@ from botocore.exceptions import (
     EndpointConnectionError,
     ReadTimeoutError,
 )
+
+if TYPE_CHECKING:
+    from core.inspection import Inspection
+    from serving.events import ScoringRequest
 
 GSI_BY_CAPTURED_AT = "by_captured_at"
 TABLE_SCHEMA: dict[str, Any] = {
@@ -206,6 +210,36 @@ class ResultRecord:
     fingerprint: str = ""
     image_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # answer fields (confidence, regions, ...)
+
+    @classmethod
+    def scored(
+        cls,
+        request: ScoringRequest,
+        inspection: Inspection,
+        *,
+        model_name: str,
+        model_version: str,
+        latency_ms: dict[str, float],
+        extra: dict[str, Any] | None = None,
+    ) -> ResultRecord:
+        """The record of one scored request: one builder for the Lambda and the edge agent, so an
+        edge result and a cloud result of the same image carry the same fields."""
+        return cls(
+            camera_id=request.camera_id,
+            request_id=request.request_id,
+            captured_at=request.captured_at,
+            score=inspection.score,
+            is_anomalous=inspection.is_anomalous,
+            threshold=inspection.threshold,
+            model_name=model_name,
+            model_version=model_version,
+            latency_ms=latency_ms,
+            image_width=request.original_size[0],
+            image_height=request.original_size[1],
+            fingerprint=request.fingerprint,
+            image_sha256=request.image_sha256,
+            extra={**inspection.answer_fields(), **(extra or {})},
+        )
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ import pytest
 
 from core.files import sha256_file
 from core.scoring import ScoringError
-from edge.agent import Agent, Job, make_request
+from edge.agent import Agent
 from edge.config import ModelConfig
+from edge.jobs import Job, make_request
 from edge.metrics import Metrics
 from edge.models import ModelManager, ModelRejected
 from tests.edge.conftest import tiny_png

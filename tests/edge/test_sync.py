@@ -201,7 +201,7 @@ def test_sync_keeps_camera_order(cloud, make_config, tmp_path: Path) -> None:
     )
     agent = Agent(config)
     agent.models.start()
-    from edge.agent import Job, make_request
+    from edge.jobs import Job, make_request
 
     for i in range(10):
         request = make_request(
