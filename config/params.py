@@ -289,7 +289,7 @@ class SelectionSection(Section):
     """``selection``: the champion rule's knobs (the rule itself is registry.rule)."""
 
     metric: Annotated[str, choice(SELECTION_METRICS)]
-    tie_tolerance: Annotated[float, number(ge=0)] = 0.0
+    tie_tolerance: Annotated[float, number(ge=0)] = 0.005
     tie_breaker: Annotated[str, choice(TIE_BREAKERS)] = "latency_ms"
     max_latency_ms: Annotated[float | None, optional(number(gt=0))] = None
     max_size_mb: Annotated[float | None, optional(number(gt=0))] = None
@@ -309,9 +309,10 @@ class RegistrySection(Section):
 
 
 class QuantizeSection(Section):
-    """``quantize``: the INT8 copy of the champion and the validation gate it must pass (absent = off)."""
+    """``quantize``: the INT8 copy of the champion and the validation gate it must pass. A file
+    without the section gets no INT8 copy (``Params.quantize`` is None); within it, on by default."""
 
-    enabled: Annotated[bool, flag()] = False
+    enabled: Annotated[bool, flag()] = True
     max_image_auroc_drop: Annotated[float, number(ge=0, lt=1)] = 0.005
     max_pixel_auroc_drop: Annotated[float, number(ge=0, lt=1)] = 0.01
     calibration_images: Annotated[int, integer(ge=1)] = 32
@@ -494,7 +495,7 @@ class Params(Section):
     selection: SelectionSection | None = None
     registry: RegistrySection | None = None
     serving: ServingSection | None = None
-    quantize: QuantizeSection = QuantizeSection()
+    quantize: QuantizeSection | None = None
     deploy: DeploySection | None = None
 
     @model_validator(mode="before")

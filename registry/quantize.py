@@ -70,7 +70,8 @@ class QuantizeSettings(QuantizeSection):
     @classmethod
     def from_params(cls, params: Params | Mapping[str, Any]) -> QuantizeSettings:
         """The ``quantize`` section of ``params`` (a bad value is one line naming its key)."""
-        return cls.model_validate(as_params(params).quantize.model_dump())
+        section = as_params(params).quantize
+        return cls(enabled=False) if section is None else cls.model_validate(section.model_dump())
 
 
 @dataclass(frozen=True)
