@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
@@ -59,6 +58,7 @@ from serving.events import (
     parse_result_query,
 )
 from serving.identity import Caller, caller_from_event
+from serving.observability import METRICS_NAMESPACE, SERVICE_NAME, service_logger
 from serving.routes import (
     BASE_PATH_PREFIX,
     RESULT_ROUTE,
@@ -71,9 +71,7 @@ from serving.routes import (
 from serving.storage import IdempotencyConflict, InvalidPageToken, ResultRecord, ResultStore, StorageError
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"  # what `promote` writes
-SERVICE_NAME = os.environ.get("POWERTOOLS_SERVICE_NAME", "visual-inspection")
-METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "VisualInspection")
-logger = Logger(service=SERVICE_NAME)
+logger = service_logger()
 RETRY_AFTER_S = "1"
 JSON = "application/json"
 # Kept free at the end of the Lambda's time to log, emit metrics and return the answer.

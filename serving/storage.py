@@ -62,7 +62,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import boto3
-from aws_lambda_powertools import Logger
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.config import Config
 from botocore.exceptions import (
@@ -74,6 +73,8 @@ from botocore.exceptions import (
     EndpointConnectionError,
     ReadTimeoutError,
 )
+
+from serving.observability import service_logger
 
 if TYPE_CHECKING:
     from core.inspection import Inspection
@@ -150,7 +151,7 @@ _TRANSIENT_ERRORS = (
 STATUS_COMPLETE = "complete"
 STATUS_ABORTED = "aborted"
 
-logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "visual-inspection"), child=True)
+logger = service_logger(child=True)
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
 
