@@ -280,7 +280,8 @@ class Outbox:
         """Evict by the policy in the module docstring until ``needed`` fits, else :class:`OutboxFull`.
 
         ``ROW_RESERVE`` is what the row's commit may add to the database and its WAL (a few pages),
-        so the cap holds after the commit too.
+        so the cap holds after the commit too. Usage is measured after each eviction, so what the
+        eviction's own updates add to the WAL is paid for as well.
         """
         over = self._used() + needed + ROW_RESERVE - self.max_bytes
         if over <= 0:
@@ -317,7 +318,9 @@ class Outbox:
                         (self.files / f).unlink(missing_ok=True)
                     self._file_bytes -= freed
                     self._count(counter)
-                    over -= freed
+                    # Measured again, not ``over -= freed``: the eviction's own updates grow the
+                    # database and its WAL, and that growth counts against the cap too.
+                    over = self._used() + needed + ROW_RESERVE - self.max_bytes
                     if over <= 0:
                         return
         if over > 0:
