@@ -74,7 +74,7 @@ def greengrass_recipe(version: str = "1.0.0") -> dict:
                 "Lifecycle": {
                     "Install": {
                         "Script": "python3 -m venv {artifacts:decompressedPath}/venv && "
-                        "{artifacts:decompressedPath}/venv/bin/pip install --no-deps "
+                        "{artifacts:decompressedPath}/venv/bin/pip install --only-binary=:all: "
                         "-r {artifacts:decompressedPath}/vi-edge/edge/requirements.txt",
                         "Timeout": 900,
                     },
@@ -91,6 +91,11 @@ def greengrass_recipe(version: str = "1.0.0") -> dict:
             }
         ],
     }
+
+
+def component_version(registry_version: str) -> str:
+    """Greengrass wants semantic versions: registry version N of the champion is ``N.0.0``."""
+    return f"{int(registry_version)}.0.0" if str(registry_version).isdigit() else "1.0.0"
 
 
 def write_package(out: Path, version: str = "1.0.0") -> list[Path]:

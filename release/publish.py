@@ -246,6 +246,15 @@ class ReleasePlan:
     summary: str = ""
 
 
+def write_edge_package(out: Path, model_dir: Path) -> list[Path]:
+    """The edge agent's systemd unit, Greengrass v2 recipe (versioned by the champion's registry
+    version) and example config: released with the image, so the line PCs follow the same model."""
+    from edge.package import component_version, write_package
+
+    version = load_metadata(model_dir, verify_sha256=False).registry_version
+    return write_package(out, component_version(version))
+
+
 def plan_release(
     *,
     model_dir: Path,
@@ -355,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         "--context", "-c", action="append", default=[], metavar="KEY=VALUE", help="override a deploy knob"
     )
     parser.add_argument("--no-deploy", action="store_true", help="stop after pushing the image")
+    parser.add_argument(
+        "--edge-package",
+        type=Path,
+        default=REPO_ROOT / "build" / "release" / "edge",
+        help="where the edge agent's systemd unit and Greengrass recipe for this model are written",
+    )
     parser.add_argument("--yes", action="store_true", help="execute the change set without asking (CI)")
     parser.add_argument(
         "--allow-replace", action="store_true", help="allow replacing/removing the results table or bucket"
@@ -385,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         target = with_image(stage, tag=plan.tag, repository=args.repository)
         if not args.dry_run and not args.no_deploy:
             require_reviewer(args.yes)  # refused before a build that nobody could then deploy
+        edge_files = write_edge_package(args.edge_package, args.model_dir)
         if args.dry_run:
             print(f"step 1 check: {plan.summary}")
+            print(f"step 1b edge package: {', '.join(str(f) for f in edge_files)}")
             print(f"step 2 build and push {plan.image} ({stage.docker_platform}):")
             for cmd in plan.commands:
                 print(f"  {cmd.display()}")

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "experiments": {"core", "config"},
     "registry": {"core", "config", "experiments"},
     "infra": {"config", "serving"},
-    "release": {"core", "config", "infra", "registry"},
+    "release": {"core", "config", "serving", "edge", "infra", "registry"},
     "tools": {"core", "config", "serving", "edge", "experiments", "registry", "infra", "release"},
     "benchmarks": {
         "core",

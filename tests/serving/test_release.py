@@ -175,10 +175,20 @@ def test_release_creates_repo_logs_in_builds_tags_and_pushes(
 
 
 def test_dry_run_prints_commands_and_changes_nothing(
-    env: Registry, promoted: Path, fake_docker: Path
+    env: Registry, promoted: Path, fake_docker: Path, tmp_path: Path
 ) -> None:
+    edge_out = tmp_path / "edge-package"
     proc = subprocess.run(
-        [sys.executable, "-m", "release.publish", "--dry-run", "--model-dir", str(promoted)],
+        [
+            sys.executable,
+            "-m",
+            "release.publish",
+            "--dry-run",
+            "--model-dir",
+            str(promoted),
+            "--edge-package",
+            str(edge_out),
+        ],
         cwd=REPO,
         env=os.environ.copy(),
         capture_output=True,
@@ -193,6 +203,11 @@ def test_dry_run_prints_commands_and_changes_nothing(
     repo_uri = "123456789012.dkr.ecr.us-east-1.amazonaws.com/visual-inspection"  # moto's account
     assert docker_lines[-1][-1] == f"{repo_uri}:v1-{_git_short()}"
     assert any(line.startswith("step 3 deploy stage dev") for line in lines)
+    # The edge agent's unit and recipe are released with the image, versioned by the champion.
+    recipe = json.loads((edge_out / "com.visualinspection.EdgeAgent-1.0.0.json").read_text())
+    assert recipe["ComponentVersion"] == "1.0.0"  # registry version 1
+    assert "--no-deps" not in json.dumps(recipe)  # the pinned closure installs whole
+    assert (edge_out / "vi-edge.service").read_text().count("python -m edge run") == 1
     assert not fake_docker.exists()  # docker never ran
     assert boto3.client("ecr", region_name="us-east-1").describe_repositories()["repositories"] == []
 
