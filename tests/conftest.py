@@ -14,6 +14,11 @@ from typing import Any
 
 import pytest
 
+# Session fixtures of the slow tests, defined beside their helpers and registered here once, so one
+# instance serves every folder: the team's MLflow server (PostgreSQL + S3) and the shared pipeline run.
+from tests.pipeline_run import scratch_pipeline, shared_pipeline  # noqa: F401  (fixtures)
+from tests.team_server import team_server, use_server  # noqa: F401  (fixtures)
+
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
