@@ -91,6 +91,7 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
     repo = tmp_path / "sweep"
     (repo / "experiments").mkdir(parents=True)
     (repo / "serving").mkdir()
+    (repo / "config").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_", "MLFLOW_", "AWS_"))}
     env |= {
         "HOME": str(tmp_path / "home"),
@@ -106,11 +107,13 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
     for key, value in (("user.name", "sweeper"), ("user.email", "sweeper@example.invalid")):
         _run(["git", "config", key, value], repo, env)
     _run([DVC, "init", "-q"], repo, env)
-    # tracking.py and the one module it imports at load time (the tracking-URI rule)
+    # tracking.py and the modules it imports at load time (the repo root, the tracking-URI rule)
     for rel in (
         "experiments/__init__.py",
         "experiments/tracking.py",
         "serving/__init__.py",
+        "config/__init__.py",
+        "config/paths.py",
         "config/tracking_uri.py",
     ):
         shutil.copyfile(REPO / rel, repo / rel)
