@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data repro test lint ui bench clean deploy mlflow-server system-deps
+.PHONY: setup data repro test test-fast lint ui bench clean deploy mlflow-server system-deps
 
 setup: $(VENV)/.installed data
 
@@ -36,6 +36,11 @@ repro: setup
 
 test: setup system-deps
 	$(BIN)/python -m pytest
+
+# The unit tests only (minutes -> under two): no training beyond the tiny serving model, no dvc
+# runs, no PostgreSQL/MLflow server, no Chromium. `make test` still runs everything.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

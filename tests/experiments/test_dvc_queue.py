@@ -24,6 +24,8 @@ from config.paths import REPO_ROOT as REPO
 from tools.mlflow_server import Stack
 from tools.tiny_model import elpv_samples
 
+pytestmark = pytest.mark.slow  # the team's MLflow server (PostgreSQL + S3)
+
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 SWEEP = {"sweep-lr-01": 0.1, "sweep-lr-05": 0.5}  # two experiments, two workers: run at once
