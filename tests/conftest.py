@@ -22,8 +22,18 @@ from tests.pipeline_run import scratch_pipeline, shared_pipeline  # noqa: F401  
 from tests.team_server import team_server, use_server  # noqa: F401  (fixtures)
 
 #: Fixtures that start PostgreSQL + the MLflow server or train a real pipeline: only slow tests take
-#: them (``make test-fast`` runs ``-m "not slow"``). They all run in one xdist worker (one server).
+#: them (``make test-fast`` runs ``-m "not slow"``).
 SLOW_FIXTURES = frozenset({"team_server", "use_server", "shared_pipeline", "scratch_pipeline"})
+#: The modules whose tests take them. Under ``-n 2 --dist loadgroup`` these run in one xdist worker,
+#: so the session starts one server and trains the shared pipeline once (see the scheduler below).
+SERVER_MODULES = frozenset(
+    {
+        "tests/test_pipeline_e2e.py",
+        "tests/experiments/test_tracking_server.py",
+        "tests/experiments/test_dvc_queue.py",
+        "tests/registry/test_select_concurrency.py",
+    }
+)
 #: Commands a fast test must not start (the real pipeline, its stages, the server, the browser).
 SLOW_COMMANDS = (
     ("dvc", "repro"),
@@ -139,23 +149,36 @@ def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fail collection when a test not marked slow takes a slow fixture; group the server's users.
-
-    Every test on the team server (and so on the shared pipeline run) goes to one xdist worker
-    (``--dist loadgroup``), so the session starts PostgreSQL + MLflow and trains the pipeline once.
-    """
+    """Fail collection when a test not marked slow, or outside SERVER_MODULES, takes a slow fixture."""
     wrong = []
     for item in items:
         heavy = SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if not heavy:
             continue
         if item.get_closest_marker("slow") is None:
-            wrong.append(f"{item.nodeid} takes {', '.join(sorted(heavy))}")
-        item.add_marker(pytest.mark.xdist_group("team_server"))
+            wrong.append(f"{item.nodeid} takes {', '.join(sorted(heavy))} but is not marked slow")
+        if item.nodeid.split("::")[0] not in SERVER_MODULES:
+            wrong.append(f"{item.nodeid} takes {', '.join(sorted(heavy))}: add its module to SERVER_MODULES")
     if wrong:
-        raise pytest.UsageError(
-            "tests that take slow fixtures must be marked @pytest.mark.slow:\n  " + "\n  ".join(wrong)
-        )
+        raise pytest.UsageError("tests/conftest.py:\n  " + "\n  ".join(wrong))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: every test of SERVER_MODULES in one worker, the others spread as ``load``.
+
+    (pytest-xdist's own loadgroup reads ``xdist_group`` marks through node ids, which pytest 9 no
+    longer lets a plugin rewrite, so the group is decided here from the node id's module.)
+    """
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServerGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "team-server" if nodeid.split("::")[0] in SERVER_MODULES else nodeid
+
+    return ServerGroupScheduling(config, log)
 
 
 def _slow_command(args: Any) -> str | None:
@@ -221,7 +244,6 @@ class _GuardOnImport:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
     sys.addaudithook(_audit)
     if _GuardOnImport.MODULE in sys.modules:
         _guard_fit(sys.modules[_GuardOnImport.MODULE])
