@@ -34,8 +34,11 @@ data: $(VENV)/.installed
 repro: setup
 	$(BIN)/dvc repro
 
+# Two xdist workers: the tests on the team MLflow server and the shared small pipeline run (trained
+# once per session) stay in one worker, everything else runs beside them (tests/conftest.py).
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 test: setup system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 # The unit tests only (minutes -> under two): no training beyond the tiny serving model, no dvc
 # runs, no PostgreSQL/MLflow server, no Chromium. `make test` still runs everything.
