@@ -43,7 +43,7 @@ test: setup system-deps
 # The unit tests only (minutes -> under two): no training beyond the tiny serving model, no dvc
 # runs, no PostgreSQL/MLflow server, no Chromium. `make test` still runs everything.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
