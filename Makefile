@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data repro test lint ui bench clean deploy mlflow-server system-deps
+.PHONY: setup data repro test test-fast lint ui bench clean deploy mlflow-server system-deps
 
 setup: $(VENV)/.installed data
 
@@ -34,8 +34,16 @@ data: $(VENV)/.installed
 repro: setup
 	$(BIN)/dvc repro
 
+# Two xdist workers: the tests on the team MLflow server and the shared small pipeline run (trained
+# once per session) stay in one worker, everything else runs beside them (tests/conftest.py).
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 test: setup system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
+
+# The unit tests only (minutes -> under two): no training beyond the tiny serving model, no dvc
+# runs, no PostgreSQL/MLflow server, no Chromium. `make test` still runs everything.
+test-fast: setup
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

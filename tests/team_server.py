@@ -34,9 +34,13 @@ def require(program: str, postgres: bool = True) -> str:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mlflow_server.Stack]:
-    """One PostgreSQL + moto S3 + mlflow server stack per test module."""
+    """One PostgreSQL + moto S3 + mlflow server stack per test session (per xdist worker).
+
+    Shared by every module that uses it: each registers its own model names and finds its runs by
+    its own experiment, ``pipeline_id`` or run ids, so none depends on what the others logged.
+    """
     require("initdb")
     work: Path = tmp_path_factory.mktemp("team-server")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}

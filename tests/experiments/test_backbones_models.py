@@ -180,6 +180,7 @@ def test_wrong_architecture_file_is_one_clear_error(tmp_path: Path, hub_env: Non
         install_weights_file("resnet18", tmp_path / "junk.pth", tmp_path / "hf")
 
 
+@pytest.mark.slow  # trains a model (make test-fast skips it)
 def test_local_weights_file_trains_a_non_default_backbone(tmp_path: Path, hub_env: None) -> None:
     import timm
     import torch
@@ -209,6 +210,7 @@ def test_local_weights_file_trains_a_non_default_backbone(tmp_path: Path, hub_en
 # --- the two trained models: train, evaluate, ONNX parity ------------------------------------------
 
 
+@pytest.mark.slow  # trains a model (make test-fast skips it)
 @pytest.mark.parametrize("name", ["fre", "supersimplenet"])
 def test_new_model_trains_exports_and_matches_torch(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -24,6 +24,8 @@ from config.paths import REPO_ROOT as REPO
 from tools.mlflow_server import Stack
 from tools.tiny_model import elpv_samples
 
+pytestmark = pytest.mark.slow  # the team's MLflow server (PostgreSQL + S3)
+
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 SWEEP = {"sweep-lr-01": 0.1, "sweep-lr-05": 0.5}  # two experiments, two workers: run at once
@@ -91,6 +93,7 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
     repo = tmp_path / "sweep"
     (repo / "experiments").mkdir(parents=True)
     (repo / "serving").mkdir()
+    (repo / "config").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_", "MLFLOW_", "AWS_"))}
     env |= {
         "HOME": str(tmp_path / "home"),
@@ -106,11 +109,13 @@ def test_queued_sweep_runs_in_parallel_and_lands_in_mlflow_by_name(
     for key, value in (("user.name", "sweeper"), ("user.email", "sweeper@example.invalid")):
         _run(["git", "config", key, value], repo, env)
     _run([DVC, "init", "-q"], repo, env)
-    # tracking.py and the one module it imports at load time (the tracking-URI rule)
+    # tracking.py and the modules it imports at load time (the repo root, the tracking-URI rule)
     for rel in (
         "experiments/__init__.py",
         "experiments/tracking.py",
         "serving/__init__.py",
+        "config/__init__.py",
+        "config/paths.py",
         "config/tracking_uri.py",
     ):
         shutil.copyfile(REPO / rel, repo / rel)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from config.paths import REPO_ROOT as REPO
 from tools.tiny_model import elpv_samples
 
@@ -128,6 +130,7 @@ def _runs(tmp: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
+@pytest.mark.slow  # dvc repro (make test-fast skips it)
 def test_s3_remote_team_flow_push_pull_and_run_cache(tmp_path: Path, aws_env: str) -> None:
     """Engineer A pushes data, outputs and run cache to S3; B clones, pulls, and nothing reruns."""
     import boto3

@@ -180,6 +180,7 @@ def test_partial_masks_and_missing_args_are_one_line_errors(
     assert "--manifest" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains a model (make test-fast skips it)
 def test_pipeline_runs_on_the_imported_cookie_set_with_pixel_metrics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

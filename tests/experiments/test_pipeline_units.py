@@ -188,6 +188,7 @@ def _tiny_dataset(root: Path) -> Path:
     return tiny_split_dataset(root)
 
 
+@pytest.mark.slow  # trains a model (make test-fast skips it)
 def test_tiny_padim_trains_evaluates_and_onnx_matches_torch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

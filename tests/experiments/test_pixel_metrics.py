@@ -27,6 +27,8 @@ from tests.experiments.test_pipeline_units import (
     assert_image_metrics_match_scores,
 )
 
+pytestmark = pytest.mark.slow  # trains models (make test-fast skips them)
+
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 12, 6, 6
 SEED = 7
 

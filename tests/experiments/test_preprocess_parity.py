@@ -28,6 +28,8 @@ from PIL import Image
 
 from core.preprocess import RESIZE_POLICIES
 
+pytestmark = pytest.mark.slow  # trains models (make test-fast skips them)
+
 SIZE = 64
 SHAPES = [(280, 100), (250, 620), (100, 280), (620, 250)]  # (width, height), mixed in one set
 

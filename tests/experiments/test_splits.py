@@ -135,6 +135,7 @@ def test_split_plan_is_disjoint_and_bounded() -> None:
         _plan(9, 0, 0)  # 1 held-out normal: no room for synthetic anomalies and normals
 
 
+@pytest.mark.slow  # trains a model (make test-fast skips it)
 def test_normal_images_only_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train/good only -> prepare -> train -> evaluate on synthetic anomalies, labelled as such."""
     import mlflow

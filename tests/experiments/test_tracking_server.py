@@ -6,8 +6,10 @@ The server is started by ``tools/mlflow_server.py`` itself (``make mlflow-server
 else (no AWS credentials): artifacts must still go to S3 and come back through the server.
 
 1. the evaluate stage's tracking helpers + ``registry.select`` on a tiny ONNX model, read back;
-2. the real stages (prepare → train → evaluate for two fast models → select → promote) on a tiny
-   data subset in a copy of the repo, then runs, alias and artifacts read back over plain HTTP;
+2. the real stages (prepare → train@* → evaluate@* → select → promote, run by ``dvc repro``) on a
+   small data subset in a copy of the repo, then runs, alias and artifacts read back over plain HTTP;
+   that run is the session's shared one (``tests/pipeline_run.py``), also read by
+   ``tests/test_pipeline_e2e.py``, so the pipeline is trained once for both;
 3. the UI in headless Chromium: the runs table and the registered model page with the alias, as DOM
    assertions plus screenshots kept in ``build/test-artifacts/mlflow-ui/`` (``TEST_ARTIFACTS_DIR``).
 """
@@ -16,36 +18,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from config.paths import REPO_ROOT as REPO
 from experiments import tracking
 from registry import select as select_mod
+from tests.pipeline_run import Pipeline
 from tests.registry.test_select_promote import SIZE, _constant_onnx
 from tests.team_server import require
-from tests.test_pipeline_e2e import _deep_update
 from tools.mlflow_server import LOCAL_S3_CREDENTIALS, Stack
 
 pytest.importorskip("mlflow")
 
-BIN = Path(sys.executable).parent
 MODEL_NAME = "vi-server-test"
 BUCKET, PREFIX = "team-mlflow", "artifacts/"
-#: Two of the fastest models of params.yaml, at 64 px on a few dozen images.
-PIPELINE_MODELS = ("dfm", "padim")
-SMALL = {
-    "data": {"image_size": 64, "max_train": 24, "max_test_good": 8, "max_test_defect": 8},
-    "evaluate": {"n_heatmaps": 1, "latency_repeats": 2},
-}
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
@@ -116,6 +108,7 @@ def _log_like_evaluate(
     return run.info.run_id, info.model_uri
 
 
+@pytest.mark.slow
 def test_pipeline_logs_registers_and_reads_back_through_server(
     use_server: str, team_server: Stack, tmp_path: Path
 ) -> None:
@@ -210,63 +203,19 @@ def test_only_tracking_servers_choose_their_artifact_location() -> None:
     assert tracking.artifact_root("sqlite:////tmp/x/mlflow.db") == Path("/tmp/x/mlartifacts").resolve()
 
 
-@pytest.fixture(scope="module")
-def pipeline(team_server: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The real stage scripts in a copy of the repo (two models, tiny subset) against the server."""
-    if not (REPO / "data" / "train" / "good").is_dir():
-        pytest.fail("data/ is missing: run `make data` (part of `make test`) first")
-    work = tmp_path_factory.mktemp("team-pipeline") / "repo"
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, listed.split("\0")):
-        if (REPO / rel).is_file() and not rel.startswith("serving/model/"):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, work / rel)
-    shutil.copytree(REPO / "data", work / "data", copy_function=os.link)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["models"] = {name: params["models"][name] for name in PIPELINE_MODELS}
-    (work / "params.yaml").write_text(yaml.safe_dump(_deep_update(params, SMALL), sort_keys=False))
-
-    # The only link to the server: MLFLOW_TRACKING_URI. No AWS credentials, no S3 endpoint.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
-    env |= {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": team_server.url,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "HTTP_PROXY": "http://127.0.0.1:9",
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "NO_PROXY": "127.0.0.1,localhost",
-    }
-    stages = [["experiments.prepare"]]
-    for model in PIPELINE_MODELS:
-        stages += [["experiments.train", model], ["experiments.evaluate", model]]
-    stages += [["registry.select"], ["registry.promote"]]
-    for stage in stages:
-        proc = subprocess.run(
-            [sys.executable, "-m", *stage], cwd=work, env=env, capture_output=True, text=True, timeout=900
-        )
-        assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    champion = json.loads((work / "build" / "registry" / "champion.json").read_text())
-    return {"work": work, "champion": champion, "url": team_server.url, "params": params}
-
-
+@pytest.mark.slow
 def test_real_stages_log_register_and_promote_through_server(
-    pipeline: dict[str, Any], team_server: Stack
+    shared_pipeline: Pipeline, team_server: Stack
 ) -> None:
-    url, work, champion = pipeline["url"], pipeline["work"], pipeline["champion"]
-    name = pipeline["params"]["registry"]["model_name"]
+    pipeline = shared_pipeline
+    url, work, champion = pipeline.url, pipeline.work, pipeline.champion
+    name = pipeline.params["registry"]["model_name"]
+    models = pipeline.models
     _, body = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={tracking.EXPERIMENT_NAME}")
     experiment = json.loads(body)["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:")
 
-    summaries = {
-        m: json.loads((work / "build" / "eval" / m / "summary.json").read_text()) for m in PIPELINE_MODELS
-    }
+    summaries = {m: json.loads((work / "build" / "eval" / m / "summary.json").read_text()) for m in models}
     filt = f"tags.pipeline_id = '{summaries['dfm']['pipeline_id']}'"
     runs = _post(
         f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "filter": filt}
@@ -274,7 +223,7 @@ def test_real_stages_log_register_and_promote_through_server(
     by_model = {
         next(t["value"] for t in r["data"]["tags"] if t["key"] == "model_name"): r for r in runs["runs"]
     }
-    assert set(by_model) == set(PIPELINE_MODELS)
+    assert set(by_model) == set(models)
     for model, run in by_model.items():
         assert run["info"]["run_id"] == summaries[model]["run_id"]
         logged = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -302,7 +251,7 @@ def test_real_stages_log_register_and_promote_through_server(
     )
     # Everything the pipeline logged sits in S3, not in the copy's folder.
     keys = _s3_keys(team_server)
-    for model in PIPELINE_MODELS:
+    for model in models:
         assert any(summaries[model]["run_id"] in k for k in keys), (model, keys[:20])
     assert any(k.endswith("model.onnx") for k in keys)
     assert not (work / "mlartifacts").exists() and not (work / "mlflow.db").exists()
@@ -323,10 +272,11 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str
     return proc
 
 
-def test_ui_shows_runs_table_and_champion_alias(pipeline: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ui_shows_runs_table_and_champion_alias(shared_pipeline: Pipeline, tmp_path: Path) -> None:
     """Rendered by the real UI bundle in headless Chromium; DOM asserted, screenshots kept."""
-    url, champion = pipeline["url"], pipeline["champion"]
-    name = pipeline["params"]["registry"]["model_name"]
+    url, champion = shared_pipeline.url, shared_pipeline.champion
+    name = shared_pipeline.params["registry"]["model_name"]
     _, body = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={tracking.EXPERIMENT_NAME}")
     experiment_id = json.loads(body)["experiment"]["experiment_id"]
     out = _artifact_dir()
@@ -345,7 +295,7 @@ def test_ui_shows_runs_table_and_champion_alias(pipeline: dict[str, Any], tmp_pa
 
     runs_dom = dom["runs-table"]
     assert "Run Name" in runs_dom, "runs table did not render"
-    for model in PIPELINE_MODELS:
+    for model in shared_pipeline.models:
         assert f">{model}<" in runs_dom, f"run {model!r} not in the rendered runs table"
     model_dom = dom["registered-model"]
     assert f">{name}<" in model_dom

@@ -25,6 +25,8 @@ from registry import select as select_mod
 from tests.registry.test_select_promote import _constant_onnx
 from tools.mlflow_server import Stack
 
+pytestmark = pytest.mark.slow  # the team's MLflow server (PostgreSQL + S3)
+
 MODEL_NAME = "vi-race"
 ROUNDS = 2
 
