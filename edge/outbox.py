@@ -286,6 +286,12 @@ class Outbox:
         over = self._used() + needed + ROW_RESERVE - self.max_bytes
         if over <= 0:
             return
+        # The WAL counts against the cap and only shrinks at a checkpoint: fold it in before evicting
+        # anything (a full outbox that keeps refusing would otherwise grow it by a frame per refusal).
+        self.checkpoint()
+        over = self._used() + needed + ROW_RESERVE - self.max_bytes
+        if over <= 0:
+            return
         steps = (
             ("evicted_synced_files", "sync_state != 'pending' AND file_bytes > 0 ORDER BY is_anomalous, seq"),
             ("evicted_normal_overlays",
@@ -325,6 +331,7 @@ class Outbox:
                         return
         if over > 0:
             self._count("refused_full")
+            self.checkpoint()  # the count's own WAL frame
             raise OutboxFull(
                 f"outbox cap {self.max_bytes} bytes reached with only verdicts left to drop; "
                 "refusing new results until the cloud sync frees space"
@@ -364,6 +371,16 @@ class Outbox:
             )
             if state == SYNCED:
                 self._prune()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it.
+
+        Why: the WAL counts against the disk cap, and the sync's updates (marking results synced)
+        grow it after the last cap check; a checkpoint after each sync pass gives that space back, so
+        the cap holds at rest and not only at the moment a result is added.
+        """
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _prune(self) -> None:
         """Keep at most ``keep_synced`` synced rows (oldest go, with their files)."""

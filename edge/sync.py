@@ -126,6 +126,8 @@ class Syncer:
         batches = [group[: self.cloud.batch_size] for group in by_camera.values()]
         results = list(self._pool.map(self._sync_camera, batches))
         moved = sum(n for n, _ in results)
+        if moved:
+            self.outbox.checkpoint()  # the updates above grew the WAL past the last cap check
         errors = [e for _, e in results if e]
         if errors:
             self._failed(errors[0])
