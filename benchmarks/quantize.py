@@ -38,6 +38,7 @@ from config.params import load_params
 from config.paths import REPO_ROOT
 from core.scoring import create_session
 from experiments.datamodule import defect_dirs
+from registry.promote import summary_image_size, summary_resize
 from registry.quantize import (
     QuantizeSettings,
     Sample,
@@ -47,6 +48,7 @@ from registry.quantize import (
     separable_blur,
     validation_samples,
 )
+from registry.select import load_summary
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -117,10 +119,8 @@ def benchmark_model(
     work: Path,
 ) -> dict[str, Any]:
     """Quantize + gate one model as promote would, then time fp32, fp32+sep and int8."""
-    summary = json.loads((eval_dir / model / "summary.json").read_text())
-    size = summary["image_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    resize = summary.get("resize", "stretch")
+    summary = load_summary(eval_dir, model)
+    size, resize = summary_image_size(summary), summary_resize(summary)  # exactly as promote reads them
     fp32 = eval_dir / model / "onnx" / "model.onnx"
     int8 = work / f"{model}.int8.onnx"
     start = time.perf_counter()

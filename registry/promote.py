@@ -81,7 +81,7 @@ class PromoteError(RuntimeError):
     """The champion cannot be promoted; the message says what to fix. serving/model is untouched."""
 
 
-def _image_size(summary: EvalSummary) -> tuple[int, int]:
+def summary_image_size(summary: EvalSummary) -> tuple[int, int]:
     """``image_size`` from the summary as ``(height, width)``; accepts ``S`` or ``[H, W]``."""
     raw = summary.get("image_size")
     if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
@@ -100,7 +100,7 @@ def _image_size(summary: EvalSummary) -> tuple[int, int]:
 LEGACY_SUMMARY_RESIZE = "stretch"
 
 
-def _resize(summary: EvalSummary) -> str:
+def summary_resize(summary: EvalSummary) -> str:
     """The resize policy the champion was trained and evaluated with (``summary.json: resize``)."""
     try:
         return check_resize(summary.get("resize", LEGACY_SUMMARY_RESIZE), f"{summary.path}: resize")
@@ -320,7 +320,7 @@ def build_metadata(
         "registered_model": name,
         "registry_version": str(version.version),
         "run_id": summary.run_id,
-        "input": input_block(input_name, size[0], size[1], _resize(summary)),
+        "input": input_block(input_name, size[0], size[1], summary_resize(summary)),
         "normalisation": _normalisation(summary),
         "outputs": {"score": SCORE_OUTPUT, "anomaly_map": MAP_OUTPUT},
         "threshold": _finite_number(summary, "threshold"),
@@ -407,7 +407,7 @@ def promote(
         client = get_client()
     version, summary = resolve_champion(client, name, alias, eval_dir, models)
     check_champion_file(champion_file, version)
-    size = _image_size(summary)
+    size = summary_image_size(summary)
     log.info(
         "promoting %s@%s = version %s (%s, run %s)",
         name,
@@ -424,7 +424,7 @@ def promote(
         with tempfile.TemporaryDirectory(prefix="promote-download-") as tmp:
             model_file = download_onnx(client, name, alias, str(version.version), Path(tmp))
             reference = eval_dir / summary.model / "onnx" / MODEL_FILE
-            input_name = verify(model_file, reference, size, dataset, n_images, atol, _resize(summary))
+            input_name = verify(model_file, reference, size, dataset, n_images, atol, summary_resize(summary))
             shutil.copyfile(model_file, staged / MODEL_FILE)
         metadata = build_metadata(
             model_path=staged / MODEL_FILE,
@@ -436,7 +436,7 @@ def promote(
         )
         if quantize.enabled:
             metadata["int8"] = build_int8(
-                staged, dataset, size, _resize(summary), quantize, metadata["threshold"]
+                staged, dataset, size, summary_resize(summary), quantize, metadata["threshold"]
             )
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         # mkdtemp makes the folder 0700; the Lambda image runs as a non-root user and must read it.
