@@ -57,8 +57,33 @@ def folder_request_id(agent_id: str, camera_id: str, name: str, sha256: str) -> 
     return f"edge-f-{digest[:40]}"
 
 
-class FolderSource:
+class _ThreadSource:
+    """A source that runs its loop (``_run``) on its own daemon thread until :meth:`stop`."""
+
+    kind: str
+    config: SourceConfig
+    _stop: threading.Event
+    _thread: threading.Thread | None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"{self.kind}-{self.config.camera_id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+class FolderSource(_ThreadSource):
     """A hot folder (see the module docstring)."""
+
+    kind = "folder"
 
     def __init__(self, agent: Any, config: SourceConfig) -> None:
         assert config.path is not None
@@ -72,15 +97,6 @@ class FolderSource:
         self._pause_until = 0.0
         self._thread: threading.Thread | None = None
         self.labels = {"camera_id": config.camera_id, "source": "folder"}
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"folder-{self.config.camera_id}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -184,8 +200,10 @@ class FolderSource:
         log.warning("input rejected", extra={**self.labels, "file": path.name, "reason": reason})
 
 
-class StreamSource:
+class StreamSource(_ThreadSource):
     """An OpenCV capture (see the module docstring)."""
+
+    kind = "stream"
 
     def __init__(self, agent: Any, config: SourceConfig) -> None:
         self.agent, self.config = agent, config
@@ -195,15 +213,6 @@ class StreamSource:
         self.labels = {"camera_id": config.camera_id, "source": "stream"}
         self.connected = False
         self.frames_read = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"stream-{self.config.camera_id}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
 
     def status(self) -> dict[str, Any]:
         return {
